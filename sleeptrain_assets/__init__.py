@@ -1,0 +1,1 @@
+"""SleepTrain: teach a language model new facts during "sleep" and keep them."""

@@ -1,0 +1,197 @@
+"""Day data: people profiles and templates -> templated conversations -> validated training queue."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import dagster as dg
+
+from sleeptrain_assets.lib import queue_checks, settings
+from sleeptrain_assets.lib.catalog import TemplateSet, load_people, load_templates, validate_catalog
+from sleeptrain_assets.lib.records import Conversation, EvalItem, Person
+from sleeptrain_assets.lib.templating import conversation_text, evaluation_items, templated_conversations as build
+from sleeptrain_resources.llm import BaseModel
+
+GROUP = "curation"
+
+
+def _table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+@dg.multi_asset(
+    outs={
+        "people_profiles": dg.AssetOut(description="Validated people profiles from SLEEPTRAIN_DATA_DIR/people."),
+        "conversation_templates": dg.AssetOut(
+            description="Question, answer and conversation templates from SLEEPTRAIN_DATA_DIR/templates."
+        ),
+    },
+    group_name=GROUP,
+)
+def people_and_templates(context: dg.AssetExecutionContext):
+    """Load and cross-validate people profiles and templates; a bad file fails naming file, record and field."""
+    root = settings.data_dir()
+    people = load_people(root / "people")
+    templates = load_templates(root / "templates")
+    notes = validate_catalog(people, templates)
+    for note in notes:
+        context.log.info(note)
+    kinds = Counter(p.kind for p in people.values())
+    yield dg.Output(
+        people,
+        output_name="people_profiles",
+        metadata={
+            "people": len(people),
+            "real": kinds.get("real", 0),
+            "fictional": kinds.get("fictional", 0),
+            "data_dir": str(root),
+            "profiles": dg.MetadataValue.md(
+                _table(
+                    ["id", "name", "kind", "look-alike of", "file"],
+                    [[p.id, p.name, p.kind, ", ".join(p.lookalike_of), p.source] for p in people.values()],
+                )
+            ),
+        },
+    )
+    yield dg.Output(
+        templates,
+        output_name="conversation_templates",
+        metadata={
+            "templates": len(templates.templates),
+            "extractors": len(templates.extractors),
+            "by_category": dg.MetadataValue.json(dict(Counter(t.category for t in templates.templates.values()))),
+            "files": dg.MetadataValue.json(list(templates.sources)),
+        },
+    )
+
+
+@dg.multi_asset(
+    outs={
+        "templated_conversations": dg.AssetOut(
+            description="Multi-turn day conversations, interleaved across people, each turn with provenance."
+        ),
+        "evaluation_questions": dg.AssetOut(description="Held-out evaluation questions; never used for training."),
+    },
+    ins={"people_profiles": dg.AssetIn(), "conversation_templates": dg.AssetIn()},
+    group_name=GROUP,
+)
+def conversations_and_evaluation_split(
+    context: dg.AssetExecutionContext, people_profiles: dict[str, Person], conversation_templates: TemplateSet
+):
+    """Render day conversations from the templates and split off the held-out evaluation questions."""
+    profile = settings.profile()
+    conversations = build(people_profiles, conversation_templates, profile.conversation_rounds, profile.seed)
+    items = evaluation_items(people_profiles, conversation_templates)
+    per_person = Counter(c.person_id for c in conversations)
+    per_mode = Counter(c.mode for c in conversations)
+    per_category = Counter(
+        conversation_templates.templates[t.provenance.template_id].category
+        for c in conversations
+        for t in c.turns
+        if t.provenance and t.provenance.template_id in conversation_templates.templates
+    )
+    sample = "\n\n---\n\n".join(f"**{c.id}** ({c.mode})\n\n```\n{conversation_text(c)}\n```" for c in conversations[:3])
+    context.log.info(f"{len(conversations)} conversations, {len(items)} held-out evaluation questions")
+    yield dg.Output(
+        conversations,
+        output_name="templated_conversations",
+        metadata={
+            "conversations": len(conversations),
+            "turns": sum(len(c.turns) for c in conversations),
+            "profile": profile.name,
+            "seed": profile.seed,
+            "per_person": dg.MetadataValue.json(dict(sorted(per_person.items()))),
+            "per_mode": dg.MetadataValue.json(dict(sorted(per_mode.items()))),
+            "fact_turns_per_category": dg.MetadataValue.json(dict(sorted(per_category.items()))),
+            "sample": dg.MetadataValue.md(sample),
+        },
+    )
+    yield dg.Output(
+        items,
+        output_name="evaluation_questions",
+        metadata={
+            "questions": len(items),
+            "per_kind": dg.MetadataValue.json(dict(sorted(Counter(i.kind for i in items).items()))),
+            "per_person": dg.MetadataValue.json(dict(sorted(Counter(i.person_id for i in items).items()))),
+        },
+    )
+
+
+@dg.asset(group_name=GROUP)
+def validated_queue(context: dg.AssetExecutionContext, templated_conversations: list[Conversation]) -> dg.Output:
+    """The training queue: templated conversations without exact duplicates, guarded by blocking checks."""
+    dropped = queue_checks.exact_duplicates(templated_conversations)
+    drop_ids = {p.item for p in dropped}
+    queue = [c for c in templated_conversations if c.id not in drop_ids]
+    for problem in dropped:
+        context.log.warning(f"dropped {problem.item}: {problem.why}")
+    return dg.Output(
+        queue,
+        metadata={
+            "conversations": len(queue),
+            "dropped_exact_duplicates": len(dropped),
+            "per_person": dg.MetadataValue.json(dict(sorted(Counter(c.person_id for c in queue).items()))),
+            "per_mode": dg.MetadataValue.json(dict(sorted(Counter(c.mode for c in queue).items()))),
+        },
+    )
+
+
+def _result(problems: list[queue_checks.Problem], **metadata: object) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        passed=not problems,
+        description=queue_checks.describe(problems) if problems else None,
+        metadata={"problems": len(problems), **metadata},
+    )
+
+
+@dg.asset_check(asset=validated_queue, blocking=True)
+def queue_has_no_duplicates(validated_queue: list[Conversation]) -> dg.AssetCheckResult:
+    """No two conversations are the same or nearly the same (word-trigram Jaccard)."""
+    threshold = settings.profile().near_duplicate_threshold
+    problems = queue_checks.exact_duplicates(validated_queue) + queue_checks.near_duplicates(validated_queue, threshold)
+    return _result(problems, threshold=threshold)
+
+
+@dg.asset_check(asset=validated_queue, blocking=True)
+def queue_is_balanced_across_people(validated_queue: list[Conversation]) -> dg.AssetCheckResult:
+    """Fact turns per person stay within the profile's max imbalance ratio."""
+    max_ratio = settings.profile().max_person_imbalance
+    return _result(queue_checks.person_imbalance(validated_queue, max_ratio), max_ratio=max_ratio)
+
+
+@dg.asset_check(asset=validated_queue, blocking=True)
+def queue_covers_every_fact(validated_queue: list[Conversation]) -> dg.AssetCheckResult:
+    """Every fact is asked in at least k different question forms."""
+    k = settings.profile().min_paraphrases_per_fact
+    return _result(queue_checks.paraphrase_coverage(validated_queue, k), k=k)
+
+
+@dg.asset_check(asset=validated_queue, blocking=True)
+def queue_is_interleaved(validated_queue: list[Conversation]) -> dg.AssetCheckResult:
+    """No person has more than the allowed run of consecutive conversations."""
+    max_run = settings.profile().max_same_person_run
+    return _result(queue_checks.interleaving(validated_queue, max_run), max_run=max_run)
+
+
+@dg.asset_check(asset=validated_queue, blocking=True, additional_ins={"evaluation_questions": dg.AssetIn()})
+def queue_excludes_evaluation_questions(
+    validated_queue: list[Conversation], evaluation_questions: list[EvalItem]
+) -> dg.AssetCheckResult:
+    """No held-out evaluation question appears in any training turn."""
+    return _result(queue_checks.evaluation_leaks(validated_queue, evaluation_questions),
+                   evaluation_questions=len(evaluation_questions))
+
+
+@dg.asset_check(asset=validated_queue, blocking=True)
+def queue_fits_chat_template(validated_queue: list[Conversation], base_model: BaseModel) -> dg.AssetCheckResult:
+    """Every conversation renders with the base model's chat template within the max sequence length."""
+    max_len = settings.profile().max_seq_len
+    tokenizer = base_model.tokenizer()
+
+    def count(messages: list[dict[str, str]]) -> int:
+        return len(tokenizer.apply_chat_template(messages, tokenize=True))
+
+    problems, longest = queue_checks.over_length(validated_queue, count, max_len)
+    return _result(problems, max_len=max_len, longest_tokens=longest, tokenizer=base_model.model_id)

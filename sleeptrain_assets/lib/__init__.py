@@ -1,0 +1,1 @@
+"""Pure logic: no Dagster, no heavy imports at module load."""

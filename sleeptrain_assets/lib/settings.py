@@ -1,0 +1,111 @@
+"""Where SleepTrain reads its inputs and writes its state, and how big a run is.
+
+Two folders and one size switch, all from the environment:
+- ``SLEEPTRAIN_DATA_DIR``: inputs (``people/``, ``templates/``, ``benchmarks/``, ``inbox/``), default ``./data``.
+- ``SLEEPTRAIN_HOME``: everything generated (adapters, registry, local store, caches, reports, the
+  Dagster home), default ``./.sleeptrain``.
+- ``SLEEPTRAIN_PROFILE``: ``smoke`` (CI-sized) or ``default`` (the real demo).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _from_env(name: str, default: Path) -> Path:
+    value = os.environ.get(name, "").strip()
+    return Path(value).expanduser().resolve() if value else default
+
+
+def data_dir() -> Path:
+    """Input folder; relative paths resolve against the working directory."""
+    default = Path.cwd() / "data"
+    # `./data` is the documented default; fall back to the checkout's data when run from elsewhere.
+    if not default.is_dir():
+        default = PROJECT_ROOT / "data"
+    return _from_env("SLEEPTRAIN_DATA_DIR", default.resolve())
+
+
+def state_dir() -> Path:
+    """Generated-state folder (created on first use)."""
+    path = _from_env("SLEEPTRAIN_HOME", (Path.cwd() / ".sleeptrain").resolve())
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def state_subdir(*parts: str) -> Path:
+    path = state_dir().joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def database_url() -> str | None:
+    """Postgres URL of the memory store when the user points SleepTrain at one, else None."""
+    url = os.environ.get("SLEEPTRAIN_DATABASE_URL", "").strip()
+    return url or None
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """Sizes of one run; `smoke` keeps every stage real but small."""
+
+    name: str
+    seed: int = 7
+    # templated conversations
+    conversation_rounds: int = 3  # each round covers every fact of every person once
+    max_same_person_run: int = 2
+    min_paraphrases_per_fact: int = 2
+    max_person_imbalance: float = 3.0
+    near_duplicate_threshold: float = 0.97
+    max_seq_len: int = 256
+    # training
+    train_max_steps: int = 160
+    train_batch_size: int = 8
+    learning_rate: float = 1e-3
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    replay_share: float = 0.25
+    # evaluation
+    eval_max_items_per_kind: int | None = None
+    max_new_tokens: int = 40
+    retrieval_top_k: int = 3
+
+
+PROFILES: dict[str, ProfileSettings] = {
+    "default": ProfileSettings(name="default"),
+    "smoke": ProfileSettings(
+        name="smoke",
+        conversation_rounds=2,
+        train_max_steps=4,
+        train_batch_size=4,
+        max_seq_len=192,
+        eval_max_items_per_kind=6,
+        max_new_tokens=24,
+    ),
+}
+
+
+def profile() -> ProfileSettings:
+    """The profile named by ``SLEEPTRAIN_PROFILE`` (default: ``default``)."""
+    name = os.environ.get("SLEEPTRAIN_PROFILE", "default").strip() or "default"
+    if name not in PROFILES:
+        raise ValueError(
+            f"SLEEPTRAIN_PROFILE={name!r} is not a known profile; choose one of {sorted(PROFILES)}"
+        )
+    return PROFILES[name]
+
+
+def with_overrides(settings: ProfileSettings, **overrides: object) -> ProfileSettings:
+    return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def model_cache_dir() -> Path:
+    """Converted base-model copies; ``SLEEPTRAIN_MODEL_CACHE`` lets several homes (and tests) share one."""
+    override = os.environ.get("SLEEPTRAIN_MODEL_CACHE", "").strip()
+    path = Path(override).expanduser().resolve() if override else state_dir() / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,304 @@
+"""Turn people and templates into day conversations, held-out evaluation items and trainable QA pairs."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+
+from sleeptrain_assets.lib.catalog import (
+    PERSONA_SYSTEM,
+    Template,
+    TemplateSet,
+    applicable,
+    fill,
+    format_value,
+    iter_people_sorted,
+    person_values,
+)
+from sleeptrain_assets.lib.records import (
+    Conversation,
+    EvalItem,
+    FactClaim,
+    Memory,
+    Person,
+    Provenance,
+    QAPair,
+    Turn,
+)
+
+MODES = ("interview", "inline_summary", "end_summary", "correction")
+FACTS_PER_CONVERSATION = 5
+CORRECTIONS_PER_CONVERSATION = 3
+DAY_SYSTEM = "You are a friendly assistant getting to know {name}. Listen carefully and remember what they say."
+
+
+def _rng(seed: int, *parts: object) -> random.Random:
+    digest = hashlib.sha256("|".join(map(str, (seed, *parts))).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def _facts(template: Template, templates: TemplateSet, values: Mapping[str, str], claim: str = "true"):
+    return tuple(FactClaim(slot=templates.slot(p), value=values[p], claim=claim) for p in template.fact_placeholders)
+
+
+def _pick(forms: Sequence[str], index: int) -> str:
+    return forms[index % len(forms)]
+
+
+def eval_wrong_value(person: Person, template: Template) -> str | None:
+    """The wrong value reserved for evaluation: the last one listed, never used in training."""
+    wrong = person.wrong_values.get(template.wrong_key or "", [])
+    return format_value(wrong[-1]) if wrong else None
+
+
+def training_wrong_values(person: Person, template: Template) -> list[str]:
+    wrong = [format_value(w) for w in person.wrong_values.get(template.wrong_key or "", [])]
+    return wrong[:-1] if len(wrong) > 1 else wrong
+
+
+def _correction_combo(template: Template, person: Person, round_no: int) -> tuple[str, str] | None:
+    """Round n's (question form, wrong value): both vary first, and no pair repeats."""
+    forms, wrongs = _ask_forms(template), training_wrong_values(person, template)
+    combos = [(forms[f], wrongs[(f + shift) % len(wrongs)]) for shift in range(len(wrongs)) for f in range(len(forms))]
+    return combos[round_no] if round_no < len(combos) else None
+
+
+def _ask_forms(template: Template) -> tuple[str, ...]:
+    # v2 templates have no interview prompts: the interviewer asks the trained question forms.
+    return template.interview_prompts or template.questions
+
+
+def _fact_turns(template: Template, templates: TemplateSet, person: Person, values: Mapping[str, str], form: int):
+    question = fill(_pick(_ask_forms(template), form), values)
+    facts = _facts(template, templates, values)
+    prov = Provenance(person_id=person.id, template_id=template.id, facts=facts, question=question)
+    return [Turn("assistant", question), Turn("user", fill(template.statement, values), prov)]
+
+
+def _summary_sentence(template: Template, values: Mapping[str, str]) -> str:
+    # Persona answers are in the person's first person; the assistant quotes them instead.
+    if template.persona:
+        return f'You told me: "{fill(template.statement, values)}"'
+    return fill(template.answer, values)
+
+
+def _merge_same_role(turns: list[Turn]) -> list[Turn]:
+    """Chat templates expect alternating roles: join a turn to the previous one of the same role.
+
+    Only turns where at most one side carries provenance are joined, so no fact loses its audit trail.
+    """
+    merged: list[Turn] = []
+    for turn in turns:
+        prev = merged[-1] if merged else None
+        if prev and prev.role == turn.role and not (prev.provenance and turn.provenance):
+            merged[-1] = Turn(turn.role, f"{prev.content} {turn.content}", prev.provenance or turn.provenance)
+        else:
+            merged.append(turn)
+    return merged
+
+
+def _conversation(person: Person, mode: str, round_no: int, index: int, turns: list[Turn]) -> Conversation:
+    cid = f"{person.id}-r{round_no}-{mode}-{index}"
+    system = Turn("system", DAY_SYSTEM.format(name=person.name))
+    return Conversation(id=cid, person_id=person.id, mode=mode, turns=(system, *_merge_same_role(turns)))
+
+
+def person_conversations(
+    person: Person, templates: TemplateSet, rounds: int, seed: int
+) -> list[Conversation]:
+    """Every fact of a person, once per round, spread across the conversation modes of SleepTrain v2."""
+    values = person_values(person, templates)
+    fact_templates = [
+        t for t in templates.templates.values() if t.category == "fact" and t.fact_placeholders and applicable(t, person, values)
+    ]
+    corrections = [t for t in templates.templates.values() if t.category == "correction" and applicable(t, person, values)]
+    conversations: list[Conversation] = []
+    for round_no in range(rounds):
+        rng = _rng(seed, person.id, round_no)
+        order = sorted(fact_templates, key=lambda t: t.id)
+        rng.shuffle(order)
+        chunks = [order[i : i + FACTS_PER_CONVERSATION] for i in range(0, len(order), FACTS_PER_CONVERSATION)]
+        for index, chunk in enumerate(chunks):
+            mode = MODES[(round_no + index) % 3]
+            turns: list[Turn] = []
+            for template in chunk:
+                turns += _fact_turns(template, templates, person, values, form=round_no)
+                if mode == "inline_summary":
+                    prov = Provenance(person.id, template.id, _facts(template, templates, values))
+                    turns.append(Turn("assistant", "Noted: " + fill(template.answer, values), prov))
+            if mode == "end_summary":
+                summary = " ".join(_summary_sentence(t, values) for t in chunk)
+                facts = tuple(f for t in chunk for f in _facts(t, templates, values))
+                turns.append(Turn("user", "Could you sum up what you learned about me?"))
+                turns.append(Turn("assistant", "Here is what I learned: " + summary,
+                                  Provenance(person.id, "end_summary", facts)))
+            conversations.append(_conversation(person, mode, round_no, index, turns))
+        if corrections:
+            picked = sorted(corrections, key=lambda t: t.id)
+            rng.shuffle(picked)
+            turns = []
+            for template in picked[:CORRECTIONS_PER_CONVERSATION]:
+                combo = _correction_combo(template, person, round_no)
+                if combo is None:
+                    continue  # every (question form, wrong value) pair was already used in earlier rounds
+                form, wrong = combo
+                local = {**values, "wrong_value": wrong, "correct_value": values[template.correct_key or ""]}
+                slot = templates.slot(template.correct_key or "")
+                question = fill(form, local)
+                turns.append(Turn("assistant", question,
+                                  Provenance(person.id, template.id, (FactClaim(slot, wrong, "wrong"),), question)))
+                turns.append(Turn("user", fill(template.statement, local),
+                                  Provenance(person.id, template.id,
+                                             (FactClaim(slot, local["correct_value"], "correction"),), question)))
+            if turns:
+                conversations.append(_conversation(person, "correction", round_no, 0, turns))
+    return conversations
+
+
+def interleave(groups: Mapping[str, Sequence[Conversation]], seed: int) -> list[Conversation]:
+    """Round-robin across people (order reshuffled every cycle) so no person's conversations cluster."""
+    queues = {pid: list(convs) for pid, convs in groups.items()}
+    result: list[Conversation] = []
+    cycle = 0
+    last: str | None = None
+    while any(queues.values()):
+        order = sorted(pid for pid, q in queues.items() if q)
+        _rng(seed, "interleave", cycle).shuffle(order)
+        if len(order) > 1 and order[0] == last:
+            order.append(order.pop(0))
+        for pid in order:
+            result.append(queues[pid].pop(0))
+        last = order[-1]
+        cycle += 1
+    return result
+
+
+def templated_conversations(
+    people: Mapping[str, Person], templates: TemplateSet, rounds: int, seed: int
+) -> list[Conversation]:
+    """All day conversations, deterministic for `seed`, interleaved across people."""
+    groups = {p.id: person_conversations(p, templates, rounds, seed) for p in iter_people_sorted(people)}
+    return interleave(groups, seed)
+
+
+def evaluation_items(people: Mapping[str, Person], templates: TemplateSet) -> list[EvalItem]:
+    """Held-out questions (recall, paraphrase, correction, identity); their forms are never trained."""
+    items: list[EvalItem] = []
+    for person in iter_people_sorted(people):
+        values = person_values(person, templates)
+        system = PERSONA_SYSTEM.format(name=person.name)
+        for template in sorted(templates.templates.values(), key=lambda t: t.id):
+            if not applicable(template, person, values):
+                continue
+            local = dict(values)
+            wrong = None
+            if template.category == "correction":
+                wrong = eval_wrong_value(person, template)
+                local.update(wrong_value=wrong or "", correct_value=values[template.correct_key or ""])
+                slot_keys = [template.correct_key or ""]
+            else:
+                slot_keys = list(template.fact_placeholders)
+            slot = templates.slot(slot_keys[0]) if slot_keys else None
+            value = local.get(slot_keys[0]) if slot_keys else None
+            kinds = [("paraphrase", q) for q in template.paraphrase_questions]
+            first_kind = template.category if template.category in ("correction", "identity") else "recall"
+            kinds = [(first_kind, q) for q in template.eval_questions] + (
+                [] if template.category == "correction" else kinds
+            )
+            for n, (kind, question) in enumerate(kinds):
+                items.append(
+                    EvalItem(
+                        id=f"{person.id}:{template.id}:{kind}:{n}",
+                        kind=kind if template.category != "identity" else "identity",
+                        person_id=person.id,
+                        template_id=template.id,
+                        category=template.category,
+                        question=fill(question, local),
+                        expected=fill(template.answer, local),
+                        keywords=tuple(fill(k, local) for k in template.keywords),
+                        slot=slot,
+                        value=value,
+                        wrong_value=wrong,
+                        system=system if template.persona else None,
+                    )
+                )
+    return items
+
+
+def qa_pairs(
+    person: Person,
+    templates: TemplateSet,
+    values: Mapping[str, str],
+    allowed_slots: set[str] | None = None,
+) -> list[QAPair]:
+    """Trainable pairs for one person from the trained question forms only."""
+    pairs = []
+    system = PERSONA_SYSTEM.format(name=person.name)
+    for template in sorted(templates.templates.values(), key=lambda t: t.id):
+        if not applicable(template, person, values):
+            continue
+        if template.category == "correction":
+            slots = (templates.slot(template.correct_key or ""),)
+            fills = [
+                {**values, "wrong_value": w, "correct_value": values[template.correct_key or ""]}
+                for w in training_wrong_values(person, template)
+            ]
+        else:
+            slots = tuple(templates.slot(p) for p in template.fact_placeholders)
+            fills = [dict(values)]
+        if allowed_slots is not None and not set(slots) <= allowed_slots:
+            continue
+        for local in fills:
+            slot_values = tuple(
+                local[template.correct_key or ""] if template.category == "correction" else local[p]
+                for p in (template.fact_placeholders if template.category != "correction" else (template.correct_key,))
+            )
+            for question in template.questions:
+                pairs.append(
+                    QAPair(
+                        person_id=person.id,
+                        template_id=template.id,
+                        category=template.category,
+                        question=fill(question, local),
+                        answer=fill(template.answer, local),
+                        slots=slots,
+                        values=slot_values,
+                        system=system if template.persona else None,
+                    )
+                )
+    return pairs
+
+
+def qa_pairs_for_memories(
+    memories: Sequence[Memory],
+    people: Mapping[str, Person],
+    templates: TemplateSet,
+) -> list[QAPair]:
+    """Trainable pairs for what the hippocampus kept: a template is used only when all its slots are memories.
+
+    Memory values win over profile values, so a corrected fact is trained with its corrected value.
+    """
+    by_person: dict[str, dict[str, str]] = defaultdict(dict)
+    for memory in sorted(memories, key=lambda m: (m.person_id, m.slot, -m.importance, m.id)):
+        if memory.status != "active" or memory.slot in by_person[memory.person_id]:
+            continue
+        by_person[memory.person_id][memory.slot] = memory.value
+    pairs: list[QAPair] = []
+    slot_of = {p: templates.slot(p) for p in templates.extractors}
+    for person_id in sorted(by_person):
+        person = people.get(person_id)
+        if person is None:
+            continue
+        values = person_values(person, templates)
+        held = by_person[person_id]
+        for placeholder, slot in slot_of.items():
+            if slot in held:
+                values[placeholder] = held[slot]
+        pairs += qa_pairs(person, templates, values, allowed_slots=set(held))
+    return pairs
+
+
+def conversation_text(conversation: Conversation) -> str:
+    return "\n".join(f"{t.role}: {t.content}" for t in conversation.turns)

@@ -1,0 +1,1 @@
+"""Everything that touches a model, a database or a tracker."""

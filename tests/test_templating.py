@@ -1,0 +1,140 @@
+"""Templated conversations, the evaluation split, QA pairs from memories, and the queue invariants."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from sleeptrain_assets.lib import queue_checks
+from sleeptrain_assets.lib.catalog import load_people, load_templates
+from sleeptrain_assets.lib.records import Memory
+from sleeptrain_assets.lib.settings import PROJECT_ROOT
+from sleeptrain_assets.lib.templating import (
+    evaluation_items,
+    qa_pairs_for_memories,
+    templated_conversations,
+)
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    root = PROJECT_ROOT / "data"
+    return load_people(root / "people"), load_templates(root / "templates")
+
+
+@pytest.fixture(scope="module")
+def conversations(catalog):
+    people, templates = catalog
+    return templated_conversations(people, templates, rounds=2, seed=7)
+
+
+def test_same_seed_same_conversations_other_seed_other_order(catalog, conversations) -> None:
+    people, templates = catalog
+    assert templated_conversations(people, templates, rounds=2, seed=7) == conversations
+    other = templated_conversations(people, templates, rounds=2, seed=8)
+    assert [c.id for c in other] != [c.id for c in conversations]
+    assert sorted(c.id for c in other) == sorted(c.id for c in conversations)
+
+
+def test_conversations_interleave_people_and_cover_every_mode(conversations) -> None:
+    assert queue_checks.interleaving(conversations, max_run=1) == []
+    first_twenty = [c.person_id for c in conversations[:20]]
+    assert len(set(first_twenty)) >= 8, "people are mixed from the start, not one after the other"
+    assert set(Counter(c.mode for c in conversations)) == {"interview", "inline_summary", "end_summary", "correction"}
+
+
+def test_every_fact_turn_carries_provenance(catalog, conversations) -> None:
+    people, templates = catalog
+    fact_turns = [(c, t, f) for c in conversations for t in c.turns if t.provenance for f in t.provenance.facts]
+    assert fact_turns
+    for conv, turn, fact in fact_turns:
+        assert turn.provenance.person_id == conv.person_id
+        assert turn.provenance.template_id in templates.templates or turn.provenance.template_id == "end_summary"
+        assert fact.claim in ("true", "wrong", "correction")
+        if fact.claim == "true":
+            assert fact.value in turn.content
+    slots = {(c.person_id, f.slot) for c, _, f in fact_turns if f.claim == "true"}
+    assert len(slots) >= 10 * len(people)
+    wrong = [f for _, _, f in fact_turns if f.claim == "wrong"]
+    assert wrong and all(f.value for f in wrong)
+
+
+def test_every_fact_is_asked_in_several_forms(conversations) -> None:
+    assert queue_checks.paraphrase_coverage(conversations, k=2) == []
+
+
+def test_evaluation_questions_never_enter_training(catalog, conversations) -> None:
+    people, templates = catalog
+    items = evaluation_items(people, templates)
+    kinds = Counter(i.kind for i in items)
+    assert {"recall", "paraphrase", "correction", "identity"} <= set(kinds)
+    assert queue_checks.evaluation_leaks(conversations, items) == []
+    trained = {q for t in templates.templates.values() for q in t.questions}
+    held = {q for t in templates.templates.values() for q in (*t.eval_questions, *t.paraphrase_questions)}
+    assert not trained & held
+    for item in items:
+        assert item.keywords and all(k in item.expected for k in item.keywords)
+        if item.kind == "correction":
+            assert item.wrong_value and item.wrong_value in item.question and item.value in item.expected
+
+
+def test_qa_pairs_follow_memories(catalog) -> None:
+    people, templates = catalog
+    person = next(p for p in people.values() if p.kind == "fictional")
+    memory = Memory(
+        id="m1", person_id=person.id, slot="birth.year", value="1777", text="", embedding=(),
+        importance=1.0, source="test",
+    )
+    pairs = qa_pairs_for_memories([memory], people, templates)
+    assert pairs, "a birth-year memory yields birth-year pairs"
+    assert {p.person_id for p in pairs} == {person.id}
+    assert all("birth.year" in p.slots for p in pairs if p.category != "identity")
+    assert all("1777" in p.answer for p in pairs if p.category == "fact")
+    held = {i.question for i in evaluation_items(people, templates) if i.person_id == person.id}
+    assert not {p.question for p in pairs} & held, "evaluation forms are never training pairs"
+    assert len({p.question for p in pairs if p.template_id == "birth_year"}) >= 2
+    superseded = dataclasses.replace(memory, status="superseded")
+    assert qa_pairs_for_memories([superseded], people, templates) == []
+
+
+def test_v2_files_make_conversations(compat_dir: Path, tmp_path: Path) -> None:
+    for sub, name in (("people", "people_data.yaml"), ("templates", "qa_templates.yaml")):
+        (tmp_path / sub).mkdir()
+        shutil.copy(compat_dir / name, tmp_path / sub / name)
+    people, templates = load_people(tmp_path / "people"), load_templates(tmp_path / "templates")
+    conversations = templated_conversations(people, templates, rounds=3, seed=1)
+    items = evaluation_items(people, templates)
+    assert {c.person_id for c in conversations} == {"obama", "musk", "curie"}
+    assert queue_checks.evaluation_leaks(conversations, items) == []
+    assert queue_checks.exact_duplicates(conversations) == []
+    assert all(i.system == f"You are {people[i.person_id].name}." for i in items)
+
+
+def test_checks_catch_what_they_guard(conversations, catalog) -> None:
+    people, templates = catalog
+    duplicated = [*conversations, conversations[0]]
+    assert queue_checks.exact_duplicates(duplicated)[0].item == conversations[0].id
+    near = dataclasses.replace(conversations[0], id="near-copy")
+    assert queue_checks.near_duplicates([conversations[0], near], 0.95)
+    clustered = sorted(conversations, key=lambda c: c.person_id)
+    assert queue_checks.interleaving(clustered, max_run=2)
+    one = conversations[0].person_id
+    lopsided = [c for c in conversations if c.person_id == one] * 5 + [
+        c for c in conversations if c.person_id != one
+    ][:2]
+    assert queue_checks.person_imbalance(lopsided, 3.0)
+    items = evaluation_items(people, templates)
+    leaked = dataclasses.replace(
+        conversations[0],
+        turns=(*conversations[0].turns, dataclasses.replace(conversations[0].turns[-1], content=items[0].question)),
+    )
+    problems = queue_checks.evaluation_leaks([leaked], items)
+    assert problems and items[0].id in problems[0].why
+    single_form = [c for c in conversations if "-r0-" in c.id]
+    assert queue_checks.paraphrase_coverage(single_form, k=2)
+    problems, longest = queue_checks.over_length(conversations[:3], lambda msgs: 10 * len(msgs), 20)
+    assert problems and longest > 20
