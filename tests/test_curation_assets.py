@@ -36,7 +36,7 @@ def test_curation_assets_materialize_with_checks_and_metadata() -> None:
     assert result.success
     queue = result.output_for_node("validated_queue")
     assert len(queue) > 50
-    evaluations = result.asset_check_evaluations()
+    evaluations = result.get_asset_check_evaluations()
     assert {e.check_name for e in evaluations} == {next(iter(c.check_specs)).name for c in CHECKS}
     assert all(e.passed for e in evaluations), [e.description for e in evaluations if not e.passed]
     materializations = {m.asset_key.to_user_string(): m for m in result.get_asset_materialization_events()}
@@ -55,7 +55,7 @@ def test_bad_input_fails_naming_the_file_and_runs_nothing_downstream(tmp_path: P
     result = materialize(raise_on_error=False)
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE)
-    message = str(failure.step_failure_data.error.message)
+    message = failure.step_failure_data.error.to_string()
     assert "nobody.yaml" in message and "'name'" in message
     assert not result.get_asset_materialization_events()
 

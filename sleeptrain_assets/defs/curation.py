@@ -1,7 +1,5 @@
 """Day data: people profiles and templates -> templated conversations -> validated training queue."""
 
-from __future__ import annotations
-
 from collections import Counter
 
 import dagster as dg
@@ -188,7 +186,7 @@ def queue_excludes_evaluation_questions(
 def queue_fits_chat_template(validated_queue: list[Conversation], base_model: BaseModel) -> dg.AssetCheckResult:
     """Every conversation renders with the base model's chat template within the max sequence length."""
     max_len = settings.profile().max_seq_len
-    tokenizer = base_model.tokenizer()
+    _, tokenizer = base_model.load()
 
     def count(messages: list[dict[str, str]]) -> int:
         return len(tokenizer.apply_chat_template(messages, tokenize=True))
