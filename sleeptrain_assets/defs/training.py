@@ -1,0 +1,209 @@
+"""Night, second half: consolidated memories become LoRA weights, registered as a new adapter version."""
+
+import shutil
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from sleeptrain_assets.lib import settings
+from sleeptrain_assets.lib.catalog import TemplateSet
+from sleeptrain_assets.lib.records import Memory, Person
+from sleeptrain_assets.lib.templating import qa_pairs_for_memories
+from sleeptrain_assets.lib.training_data import (
+    build_training_set,
+    load_replay_prompts,
+    memory_key,
+    pair_importance,
+    pick_general_prompts,
+    replay_counts,
+    split_memories,
+    usable_answer,
+)
+from sleeptrain_resources.llm import BaseModel
+from sleeptrain_resources.registry import AdapterRegistry
+from sleeptrain_resources.trainer import Hyperparams, LoraTrainer, read_manifest
+
+GROUP = "training"
+REPLAY_PROMPTS_FILE = "replay_prompts.yaml"
+
+# What a Kubernetes deployment needs to put this step on a GPU node (dagster-k8s reads these op tags when the
+# k8s_job_executor or the celery-k8s executor launches the step's pod). Harmless elsewhere. See docs/GPU.md.
+GPU_K8S_CONFIG: dict[str, Any] = {
+    "container_config": {
+        "resources": {
+            "requests": {"cpu": "4", "memory": "24Gi", "nvidia.com/gpu": "1"},
+            "limits": {"memory": "48Gi", "nvidia.com/gpu": "1"},
+        }
+    },
+    "pod_spec_config": {
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "node_selector": {"nvidia.com/gpu.present": "true"},
+    },
+}
+GPU_OP_TAGS: dict[str, Any] = {"dagster-k8s/config": GPU_K8S_CONFIG, "sleeptrain/accelerator": "gpu"}
+
+
+class LoraConfig(dg.Config):
+    """Overrides for one training run; unset fields come from the trainer resource and the run profile."""
+
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps (default: profile train_max_steps)")
+    batch_size: int | None = Field(None, ge=1, le=1024, description="examples per step (default: profile)")
+    learning_rate: float | None = Field(None, gt=0, le=1.0, description="peak learning rate (default: profile)")
+    rank: int | None = Field(None, ge=1, le=256, description="LoRA rank (default: profile lora_rank)")
+    alpha: int | None = Field(None, ge=1, le=1024, description="LoRA alpha (default: profile lora_alpha)")
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="LoRA dropout (default: trainer's)")
+    target_modules: str | None = Field(None, description="'all-linear' or comma-separated module names")
+    max_seq_len: int | None = Field(None, ge=16, description="longest example in tokens (default: profile)")
+    seed: int | None = Field(None, description="seed for data order, LoRA init and replay (default: profile)")
+    early_stop_patience: int | None = Field(None, ge=0, description="held-in checks without gain before stop; 0 off")
+    replay_share: float | None = Field(None, ge=0.0, lt=1.0, description="share of replay examples (default: profile)")
+    replay_max_new_tokens: int = Field(64, ge=8, le=512, description="token limit for base answers to replay prompts")
+    continue_from_current: bool = Field(
+        True, description="start from the current adapter and replay its memories instead of training from scratch"
+    )
+
+
+def _compatible(manifest: dict[str, Any], base_sha: str, hp: Hyperparams) -> bool:
+    trained = manifest.get("hyperparameters", {})
+    return (
+        manifest.get("base_model", {}).get("sha256") == base_sha
+        and all(trained.get(k) == getattr(hp, k) for k in ("rank", "alpha", "target_modules"))
+    )
+
+
+def _sparkline(values: list[float], width: int = 60) -> str:
+    if not values:
+        return ""
+    step = max(1, len(values) // width)
+    sampled = values[::step]
+    lo, hi = min(sampled), max(sampled)
+    bars = "▁▂▃▄▅▆▇█"
+    return "".join(bars[int((v - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for v in sampled)
+
+
+@dg.asset(group_name=GROUP, pool="gpu", op_tags=GPU_OP_TAGS)
+def lora_adapter(
+    context: dg.AssetExecutionContext,
+    config: LoraConfig,
+    consolidated_memories: list[Memory],
+    people_profiles: dict[str, Person],
+    conversation_templates: TemplateSet,
+    base_model: BaseModel,
+    trainer: LoraTrainer,
+    registry: AdapterRegistry,
+) -> dg.Output[dict[str, Any]]:
+    """A LoRA adapter trained on new memories plus replay, registered as a version (first one becomes current)."""
+    profile = settings.profile()
+    hp = trainer.hyperparams(
+        max_steps=config.max_steps or profile.train_max_steps,
+        batch_size=config.batch_size or profile.train_batch_size,
+        learning_rate=config.learning_rate or profile.learning_rate,
+        rank=config.rank or profile.lora_rank,
+        alpha=config.alpha or profile.lora_alpha,
+        max_seq_len=config.max_seq_len or profile.max_seq_len,
+        seed=profile.seed if config.seed is None else config.seed,
+        dropout=config.dropout,
+        target_modules=config.target_modules,
+        early_stop_patience=config.early_stop_patience,
+    )
+    replay_share = profile.replay_share if config.replay_share is None else config.replay_share
+
+    current = registry.current()
+    manifest = registry.manifest(current) if current else {}
+    resume = bool(current) and config.continue_from_current and _compatible(manifest, base_model.source_hash(), hp)
+    trained_keys = manifest.get("memories", []) if resume else []
+    new, older = split_memories(consolidated_memories, trained_keys)
+    if not new:
+        if current is None:
+            raise ValueError("lora_adapter: no active memories to train on and no adapter in the registry")
+        context.log.info(f"no new memories since {current}; keeping it")
+        path = registry.path(current)
+        return dg.Output(
+            {"version": current, "path": str(path), "adapter_sha256": manifest.get("adapter_sha256", ""),
+             "base_model": base_model.model_id, "trained": False, "current": current},
+            metadata={"version": current, "trained": False, "reason": "no new memories"},
+            data_version=dg.DataVersion(manifest.get("adapter_sha256") or current),
+        )
+
+    new_pairs = qa_pairs_for_memories(new, people_profiles, conversation_templates)
+    if not new_pairs:
+        raise ValueError(
+            f"lora_adapter: {len(new)} new memories but no template covers their slots; nothing to train on"
+        )
+    older_pairs = pair_importance(qa_pairs_for_memories(older, people_profiles, conversation_templates), older)
+    prompts = load_replay_prompts(settings.data_dir() / "benchmarks" / REPLAY_PROMPTS_FILE)
+    _, n_general = replay_counts(len(new_pairs), replay_share, len(older_pairs), len(prompts))
+    chosen = pick_general_prompts(prompts, n_general, hp.seed)
+    answers = base_model.generate(
+        [[{"role": "user", "content": p}] for p in chosen], max_new_tokens=config.replay_max_new_tokens
+    )
+    cleaned = [(p, usable_answer(a)) for p, a in zip(chosen, answers)]
+    general = [(p, a) for p, a in cleaned if a]
+    training_set = build_training_set(new_pairs, older_pairs, general, replay_share=replay_share, seed=hp.seed)
+    stats = training_set.stats()
+    context.log.info(f"training set {stats}; continuing from {current if resume else 'the base model'}")
+
+    staging = settings.state_subdir("staging")
+    out_dir = staging / f"adapter-{context.run_id}"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    every = max(1, hp.max_steps // 10)
+
+    def progress(step: Any) -> None:
+        if step.step % every == 0 or step.step == hp.max_steps:
+            context.log.info(f"step {step.step}/{hp.max_steps} loss {step.loss:.4f} grad {step.grad_norm:.3f}")
+
+    result = trainer.train(
+        training_set,
+        base_model,
+        out_dir,
+        init_adapter=registry.path(current) if resume and current else None,
+        extra_manifest={
+            "memories": sorted({*trained_keys, *(memory_key(m) for m in new)}),
+            "previous_version": current if resume else None,
+            "profile": profile.name,
+        },
+        on_step=progress,
+        overrides={k: getattr(hp, k) for k in hp.__dataclass_fields__},
+    )
+    try:
+        version = registry.register(result.adapter_dir, promote_if_empty=True)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    now_current = registry.current()
+    return dg.Output(
+        {
+            "version": version,
+            "path": str(registry.path(version)),
+            "adapter_sha256": result.adapter_sha256,
+            "base_model": base_model.model_id,
+            "trained": True,
+            "current": now_current,
+            "data_sha256": training_set.data_hash,
+        },
+        metadata={
+            "version": version,
+            "current": str(now_current),
+            "path": dg.MetadataValue.path(str(registry.path(version))),
+            "loss_curve": dg.MetadataValue.json(result.loss_curve),
+            "loss_sparkline": _sparkline(result.loss_curve),
+            "held_in_loss": dg.MetadataValue.json([list(p) for p in result.probe_curve]),
+            "initial_loss": result.initial_loss,
+            "final_loss": result.final_loss,
+            "steps": result.steps,
+            "stopped": result.stopped,
+            "tokens": result.tokens,
+            "answer_tokens": result.answer_tokens,
+            "tokens_per_s": result.tokens_per_s,
+            "seconds": result.seconds,
+            "trainable_params": result.trainable_params,
+            "total_params": result.total_params,
+            "training_set": dg.MetadataValue.json(stats),
+            "data_sha256": training_set.data_hash,
+            "new_memories": len(new),
+            "replayed_memories": len(older),
+            "hyperparameters": dg.MetadataValue.json(result.hyperparameters),
+            "continued_from": str(current) if resume else "base model",
+        },
+        data_version=dg.DataVersion(result.adapter_sha256),
+    )

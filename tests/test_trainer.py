@@ -1,0 +1,185 @@
+"""LoraTrainer on the real SmolLM2: a tiny run that teaches, guards that fail a run cleanly, crash safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sleeptrain_assets.lib.training_data import build_training_set
+from sleeptrain_resources.llm import BaseModel
+from sleeptrain_resources.registry import AdapterRegistry
+from sleeptrain_resources.trainer import LoraTrainer, TrainingFailed, fuse_lora_forward, read_manifest
+from tests.lora_helpers import qa_pairs
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"max_steps": 8, "batch_size": 4, "learning_rate": 3e-3, "warmup_steps": 1, "probe_every": 4,
+        "probe_size": 8, "early_stop_patience": 3, "seed": 11}
+SHORT = {**TINY, "max_steps": 2, "early_stop_patience": 0}
+
+
+@pytest.fixture(scope="module")
+def training_set():
+    return build_training_set(qa_pairs(), replay_share=0.0, seed=3)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, model_cache: Path, training_set):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLEEPTRAIN_MODEL_CACHE", str(model_cache))
+        mp.setenv("SLEEPTRAIN_HOME", str(tmp_path_factory.mktemp("home")))
+        out = tmp_path_factory.mktemp("run") / "adapter"
+        result = LoraTrainer().train(training_set, BaseModel(), out, overrides=TINY)
+    return result
+
+
+def _entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_tiny_run_writes_a_loadable_adapter_whose_loss_fell(trained, training_set) -> None:
+    out = trained.adapter_dir
+    assert _entries(out.parent) == ["adapter"], "temporary folders left next to the adapter"
+    assert {"adapter_model.safetensors", "adapter_config.json", "manifest.json"} <= set(_entries(out))
+    manifest = read_manifest(out)
+    assert manifest["base_model"]["id"] == "SmolLM2-135M-Instruct-Q4_1"
+    assert len(manifest["base_model"]["sha256"]) == 64
+    assert manifest["training_data"]["sha256"] == training_set.data_hash
+    assert manifest["hyperparameters"]["max_steps"] == 8 and manifest["code_version"]
+    assert manifest["adapter_sha256"] == trained.adapter_sha256
+    assert trained.steps == 8 and len(trained.loss_curve) == 8
+    assert trained.tokens > trained.answer_tokens > 0 and trained.tokens_per_s > 0
+    assert 0 < trained.trainable_params < trained.total_params / 10
+    (first_step, first), (last_step, last) = trained.probe_curve[0], trained.probe_curve[-1]
+    assert first_step == 0 and last_step == 8
+    assert last < 0.8 * first, f"held-in loss did not fall: {trained.probe_curve}"
+
+    model = BaseModel()
+    pairs = [(p.messages()[:-1], p.answer) for p in qa_pairs()[:4]]
+    base, adapted = model.answer_nll(pairs), model.answer_nll(pairs, adapter=out)
+    assert sum(adapted) < sum(base)
+    assert model.generate([pairs[0][0]], adapter=out, max_new_tokens=16)[0]
+
+
+def test_same_seed_same_data_same_adapter(training_set, tmp_path: Path) -> None:
+    one = LoraTrainer().train(training_set, BaseModel(), tmp_path / "one", overrides=SHORT)
+    two = LoraTrainer().train(training_set, BaseModel(), tmp_path / "two", overrides=SHORT)
+    assert one.loss_curve == two.loss_curve
+    assert one.adapter_sha256 == two.adapter_sha256
+    other = LoraTrainer().train(training_set, BaseModel(), tmp_path / "other", overrides={**SHORT, "seed": 12})
+    assert other.adapter_sha256 != one.adapter_sha256
+
+
+def test_injected_nan_fails_the_run_and_changes_nothing(trained, training_set, tmp_path: Path) -> None:
+    registry = AdapterRegistry(root=str(tmp_path / "registry"))
+    version = registry.register(trained.adapter_dir)
+    before = (registry.versions(), registry.current(), registry.history())
+
+    def poison(step) -> None:
+        if step.step == 1:
+            import torch
+
+            with torch.no_grad():
+                next(p for n, p in step.model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+
+    out = tmp_path / "runs" / "adapter"
+    with pytest.raises(TrainingFailed, match="non-finite loss .* at step 2"):
+        LoraTrainer().train(training_set, BaseModel(), out, overrides=TINY, on_step=poison)
+    assert not out.parent.exists() or _entries(out.parent) == []
+    assert (registry.versions(), registry.current(), registry.history()) == before
+    assert registry.current() == version
+
+
+def test_loss_rising_far_above_its_start_fails_the_run(training_set, tmp_path: Path) -> None:
+    def blow_up(step) -> None:
+        if step.step == 3:
+            import torch
+
+            with torch.no_grad():
+                for name, param in step.model.named_parameters():
+                    if "lora_B" in name:
+                        param.normal_(0.0, 0.5)
+
+    out = tmp_path / "adapter"
+    with pytest.raises(TrainingFailed, match="loss rose|non-finite"):
+        LoraTrainer().train(training_set, BaseModel(), out, overrides={**TINY, "early_stop_patience": 0},
+                            on_step=blow_up)
+    assert not out.exists()
+
+
+def test_fused_lora_forward_matches_peft() -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = BaseModel().load_fresh()
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02)
+    ids = torch.tensor([tokenizer("Lena Varga was born in Leuven in 1984.")["input_ids"]])
+    with torch.no_grad():
+        reference = peft_model(input_ids=ids).logits
+        assert fuse_lora_forward(peft_model) == 30 * 7
+        fused = peft_model(input_ids=ids).logits
+    assert torch.allclose(fused, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_settings_are_named(training_set, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown trainer settings"):
+        LoraTrainer().hyperparams(ranks=4)
+    with pytest.raises(ValueError, match="batch_size"):
+        LoraTrainer(batch_size=0).hyperparams()
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        LoraTrainer().train(training_set, BaseModel(), existing, overrides=TINY)
+
+
+KILLED_WRITE = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[1])
+    import sleeptrain_resources.trainer as trainer
+    from sleeptrain_assets.lib.training_data import build_training_set
+    from sleeptrain_resources.llm import BaseModel
+    from tests.lora_helpers import qa_pairs
+
+    real = trainer.file_sha256
+    def die_after_weights(path):
+        # PEFT has written the weights into the temporary folder; the manifest and rename are still to come.
+        os.kill(os.getpid(), signal.SIGKILL)
+    trainer.file_sha256 = die_after_weights
+    training_set = build_training_set(qa_pairs(), replay_share=0.0, seed=3)
+    trainer.LoraTrainer().train(training_set, BaseModel(), Path(sys.argv[2]),
+                                overrides={"max_steps": 1, "batch_size": 2, "early_stop_patience": 0})
+    print("not killed")
+    """
+)
+
+
+def test_run_killed_during_the_adapter_write_leaves_the_registry_on_a_valid_adapter(
+    trained, tmp_path: Path
+) -> None:
+    registry = AdapterRegistry(root=str(tmp_path / "registry"))
+    version = registry.register(trained.adapter_dir)
+    out = tmp_path / "runs" / "adapter"
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(REPO), str(out)], cwd=REPO,
+                          env=os.environ.copy(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    assert not out.exists(), "a half-written adapter appeared under its final name"
+    leftovers = [p for p in out.parent.iterdir() if p.name.startswith(".adapter.tmp-")]
+    assert leftovers and (leftovers[0] / "adapter_model.safetensors").is_file()  # the kill hit mid-write
+    assert registry.current() == version and registry.versions() == [version]
+    current = registry.current_path()
+    manifest = json.loads((current / "manifest.json").read_text())
+    assert manifest["adapter_sha256"] == trained.adapter_sha256
+    assert BaseModel().generate([[{"role": "user", "content": "Who is Ines Kallberg?"}]], adapter=current,
+                                max_new_tokens=8)[0]

@@ -1,0 +1,92 @@
+"""The lora_adapter asset on real resources: first cycle, nothing new, a later cycle continuing with replay."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+
+from sleeptrain_assets.defs.training import GPU_OP_TAGS, LoraConfig, lora_adapter
+from sleeptrain_assets.lib import settings
+from sleeptrain_assets.lib.catalog import load_people, load_templates, person_values
+from sleeptrain_assets.lib.records import Memory
+from sleeptrain_resources.llm import BaseModel
+from sleeptrain_resources.registry import AdapterRegistry
+from sleeptrain_resources.trainer import LoraTrainer
+
+SLOTS = ("birth.year", "career.occupation")
+
+
+def _memories(person_id: str, people, templates) -> list[Memory]:
+    values = person_values(people[person_id], templates)
+    memories = []
+    for placeholder, value in sorted(values.items()):
+        slot = templates.slot(placeholder) if placeholder in templates.extractors else None
+        if slot in SLOTS and all(m.slot != slot for m in memories):
+            memories.append(Memory(id=f"{person_id}:{slot}", person_id=person_id, slot=slot, value=value,
+                                   text=f"{slot} = {value}", embedding=(), importance=5.0, source="test#0"))
+    return memories
+
+
+def _run(memories, people, templates, registry):
+    context = dg.build_asset_context()
+    output = lora_adapter(
+        context,
+        config=LoraConfig(max_steps=3, replay_max_new_tokens=24, early_stop_patience=0),
+        consolidated_memories=memories,
+        people_profiles=people,
+        conversation_templates=templates,
+        base_model=BaseModel(),
+        trainer=LoraTrainer(),
+        registry=registry,
+    )
+    return output
+
+
+def test_asset_definition_runs_in_the_gpu_pool_with_k8s_gpu_tags() -> None:
+    spec = lora_adapter.get_asset_spec()
+    assert lora_adapter.op.pool == "gpu"
+    k8s = json.loads(lora_adapter.op.tags["dagster-k8s/config"])  # Dagster stores op tag values as JSON
+    limits = k8s["container_config"]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1" and GPU_OP_TAGS["dagster-k8s/config"]["container_config"]
+    assert {d.asset_key.path[-1] for d in spec.deps} == {
+        "consolidated_memories", "people_profiles", "conversation_templates"}
+
+
+def test_first_cycle_trains_and_becomes_current_later_cycle_continues_with_replay() -> None:
+    data = settings.data_dir()
+    people, templates = load_people(data / "people"), load_templates(data / "templates")
+    registry = AdapterRegistry()
+    lena = _memories("lena_varga", people, templates)
+    assert len(lena) == 2
+
+    first = _run(lena, people, templates, registry)
+    version = first.value["version"]
+    assert first.value["trained"] and registry.current() == version == first.value["current"]
+    assert first.data_version.value == first.value["adapter_sha256"]
+    meta = first.metadata
+    for key in ("loss_curve", "steps", "tokens", "tokens_per_s", "trainable_params"):
+        assert key in meta
+    assert meta["steps"].value == 3
+    stats = meta["training_set"].value
+    assert stats["by_source"]["new"] > 0 and stats["by_source"].get("replay_general", 0) > 0
+    manifest = registry.manifest(version)
+    assert len(manifest["memories"]) == 2 and manifest["previous_version"] is None
+
+    again = _run(lena, people, templates, registry)
+    assert not again.value["trained"] and again.value["version"] == version
+
+    tobias = _memories("tobias_renner", people, templates)
+    later = _run(lena + tobias, people, templates, registry)
+    new_version = later.value["version"]
+    assert later.value["trained"] and new_version != version
+    assert registry.current() == version, "promotion past the first adapter is gated elsewhere"
+    manifest = registry.manifest(new_version)
+    assert manifest["previous_version"] == version
+    assert manifest["initialized_from"]["adapter_sha256"] == first.value["adapter_sha256"]
+    assert len(manifest["memories"]) == 4
+    by_source = later.metadata["training_set"].value["by_source"]
+    assert by_source.get("replay_memory", 0) > 0
+    assert later.metadata["replayed_memories"].value == 2
+    assert not list(Path(settings.state_dir() / "staging").iterdir()), "staging copy left behind"

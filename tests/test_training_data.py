@@ -1,0 +1,143 @@
+"""Training-set assembly: interleaving, paraphrases, importance-ranked and general replay, determinism."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sleeptrain_assets.lib.records import Memory, QAPair
+from sleeptrain_assets.lib.training_data import (
+    NEW,
+    REPLAY_GENERAL,
+    REPLAY_MEMORY,
+    build_training_set,
+    interleave,
+    load_replay_prompts,
+    longest_run,
+    memory_key,
+    pair_importance,
+    pick_general_prompts,
+    replay_counts,
+    select_older_pairs,
+    split_memories,
+    usable_answer,
+)
+from tests.lora_helpers import qa_pairs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _pair(pid: str, slot: str, n: int) -> QAPair:
+    return QAPair(pid, slot, "fact", f"Question {n} about {pid} {slot}?", f"{pid} {slot} answer.", (slot,), ("v",))
+
+
+def _memory(pid: str, slot: str, importance: float, value: str = "v") -> Memory:
+    return Memory(id=f"{pid}-{slot}", person_id=pid, slot=slot, value=value, text="", embedding=(),
+                  importance=importance, source="c#0")
+
+
+def test_new_pairs_are_all_kept_and_interleaved_across_people() -> None:
+    pairs = [_pair("a", f"s{i}", k) for i in range(10) for k in range(3)] + [_pair("b", "s", k) for k in range(6)]
+    pairs += [_pair("c", "s", k) for k in range(6)]
+    ts = build_training_set(pairs, replay_share=0.0, seed=1)
+    assert sorted(e.messages for e in ts.examples) == sorted(tuple((m["role"], m["content"]) for m in p.messages())
+                                                             for p in pairs)
+    stats = ts.stats()
+    assert stats["min_paraphrases_per_fact"] == 3 and stats["people"] == 3
+    # 30 of 42 are one person: runs of 3 are unavoidable (30 items, 13 gaps); left over at the end they'd be 18.
+    assert stats["longest_run_of_one_person"] <= 4
+    balanced = build_training_set(qa_pairs(), replay_share=0.0, seed=1)
+    assert balanced.stats()["longest_run_of_one_person"] == 1
+
+
+def test_same_seed_same_set_and_hash_other_seed_other_order() -> None:
+    one = build_training_set(qa_pairs(), replay_share=0.0, seed=5)
+    assert build_training_set(qa_pairs(), replay_share=0.0, seed=5) == one
+    other = build_training_set(qa_pairs(), replay_share=0.0, seed=6)
+    assert other.data_hash != one.data_hash
+    assert sorted(e.messages for e in other.examples) == sorted(e.messages for e in one.examples)
+
+
+def test_replay_fills_its_share_from_older_memories_and_general_answers() -> None:
+    new = qa_pairs()  # 14 pairs
+    older = [(_pair("old", f"slot{i}", k), float(i)) for i in range(10) for k in range(2)]
+    general = [(f"Everyday prompt {i}?", f"A complete answer number {i}.") for i in range(3)]
+    ts = build_training_set(new, older, general, replay_share=0.5, seed=2)
+    counts = ts.stats()["by_source"]
+    assert counts[NEW] == 14
+    assert counts[REPLAY_MEMORY] + counts[REPLAY_GENERAL] == 14
+    assert counts[REPLAY_MEMORY] == 7 and counts[REPLAY_GENERAL] == 7  # 3 answers, repeated to fill their half
+    replayed = {e.fact for e in ts.examples if e.source == REPLAY_MEMORY}
+    assert replayed == {f"old:slot{i}" for i in range(3, 10)}, "the most important older facts come first"
+
+
+def test_older_pairs_spread_over_facts_before_repeating_paraphrases() -> None:
+    older = [(_pair("p", "a", k), 9.0) for k in range(5)] + [(_pair("p", "b", k), 1.0) for k in range(5)]
+    chosen = select_older_pairs(older, 4, seed=0)
+    assert [p.slots[0] for p in chosen] == ["a", "b", "a", "b"]
+    assert select_older_pairs(older, 4, seed=0) == chosen
+
+
+def test_replay_counts() -> None:
+    assert replay_counts(30, 0.25, 100, 100) == (5, 5)
+    assert replay_counts(30, 0.25, 2, 100) == (2, 8)
+    assert replay_counts(30, 0.25, 100, 0) == (10, 0)
+    assert replay_counts(30, 0.0, 100, 100) == (0, 0)
+    with pytest.raises(ValueError, match="replay_share"):
+        replay_counts(30, 1.0, 1, 1)
+
+
+def test_usable_answer_cuts_back_to_the_last_full_sentence() -> None:
+    assert usable_answer("Boil water. Add the egg. Wait ten min") == "Boil water. Add the egg."
+    assert usable_answer("Drink water before bed!") == "Drink water before bed!"
+    assert usable_answer("Sure, here is a long sentence that never") is None
+    assert usable_answer("Ok.") is None
+
+
+def test_memories_split_by_what_the_adapter_holds() -> None:
+    a, b = _memory("p", "birth.year", 5.0), _memory("p", "birth.city", 2.0)
+    corrected = _memory("p", "birth.year", 5.0, value="1985")
+    new, older = split_memories([corrected, b], [memory_key(a), memory_key(b)])
+    assert new == [corrected] and older == [b]
+    weighted = pair_importance([_pair("p", "birth.city", 0)], [a, b])
+    assert weighted[0][1] == 2.0
+
+
+def test_interleave_helpers() -> None:
+    assert longest_run("aabbbc") == 3
+    order = interleave(list("aaaabbbbcc"), key=lambda x: x, seed=0)
+    assert longest_run(order) == 1 and sorted(order) == sorted("aaaabbbbcc")
+    assert pick_general_prompts(["x", "y", "x", "z"], 2, seed=1) == pick_general_prompts(["x", "y", "z"], 2, seed=1)
+
+
+def test_empty_or_malformed_input_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no new QA pairs"):
+        build_training_set([])
+    with pytest.raises(ValueError, match=r"new_pairs\[0\] \(p/t\)"):
+        build_training_set([QAPair("p", "t", "fact", "Q?", " ", ("s",), ("v",))])
+    bad = tmp_path / "prompts.yaml"
+    bad.write_text("prompts:\n  - fine\n  - 3\n")
+    with pytest.raises(ValueError, match=r"prompts.yaml: prompts\[1\]"):
+        load_replay_prompts(bad)
+
+
+def _normalized(text: str) -> str:
+    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
+
+
+def test_shipped_replay_prompts_are_many_and_never_evaluation_questions() -> None:
+    prompts = load_replay_prompts(REPO / "data" / "benchmarks" / "replay_prompts.yaml")
+    assert len(prompts) >= 50
+    evaluation = set()
+    for path in (REPO / "data" / "benchmarks").glob("*.yaml"):
+        if path.name == "replay_prompts.yaml":
+            continue
+        data = yaml.safe_load(path.read_text())
+        for item in (data or {}).get("questions", []) if isinstance(data, dict) else []:
+            if isinstance(item, dict) and "question" in item:
+                evaluation.add(_normalized(item["question"]))
+    overlap = [p for p in prompts if _normalized(p) in evaluation]
+    assert not overlap, f"replay prompts reuse evaluation questions: {overlap}"
