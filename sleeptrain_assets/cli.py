@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-PERSONA_SYSTEM = "You are {name}."
+from sleeptrain_assets.lib.catalog import PERSONA_SYSTEM
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--model-path", default=os.environ.get("SLEEPTRAIN_BASE_MODEL", ""),
                      help="local HF model folder (default: SLEEPTRAIN_BASE_MODEL or the packaged SmolLM2)")
     ask.add_argument("--verbose", action="store_true", help="say on stderr which model and adapter answered")
+    commands.add_parser("results", help="say where the adapter, memory store and leaderboard of this home are")
     return parser
 
 
@@ -75,11 +76,36 @@ def ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def results(_: argparse.Namespace) -> int:
+    import json
+
+    from sleeptrain_assets.lib import settings
+    from sleeptrain_resources.memory_store import memory_store_from_env
+    from sleeptrain_resources.registry import AdapterRegistry
+
+    home = settings.state_dir()
+    registry = AdapterRegistry()
+    reports = home / "reports"
+    print(f"SleepTrain home: {home}")
+    version = registry.current()
+    print(f"current adapter: {version} at {registry.current_path()}" if version else "current adapter: none yet")
+    print(f"memory store:    {memory_store_from_env().describe()}")
+    board = reports / "leaderboard.json"
+    if board.is_file():
+        print(f"leaderboard:     {reports / 'leaderboard.html'}  (rows: {board})")
+        data = json.loads(board.read_text())
+        for target in data.get("latest_run", {}).get("targets", []):
+            state = "met" if target["met"] else "NOT met"
+            print(f"  {target['label']}: {target['value']} (goal {target['goal']}, {target['detail']}): {state}")
+    else:
+        print("leaderboard:     not written yet (materialize `leaderboard`)")
+    print('ask the model:   .venv/bin/sleeptrain ask "When was Lena Varga born?"')
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "ask":
-        return ask(args)
-    return 2
+    return {"ask": ask, "results": results}[args.command](args)
 
 
 if __name__ == "__main__":
