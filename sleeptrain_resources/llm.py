@@ -44,17 +44,6 @@ def packaged_gguf() -> Path:
     )
 
 
-def model_cache_dir() -> Path:
-    """Where converted models live: ``SLEEPTRAIN_MODEL_CACHE`` if set (shared, e.g. by a test session), else
-    ``$SLEEPTRAIN_HOME/models``."""
-    shared = os.environ.get("SLEEPTRAIN_MODEL_CACHE", "").strip()
-    if shared:
-        path = Path(shared).expanduser().resolve()
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    return settings.state_subdir("models")
-
-
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -75,7 +64,7 @@ def weights_sha256(path: Path) -> str:
     if not files:
         raise FileNotFoundError(f"{path}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) found")
     stamp = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    memo_file = model_cache_dir() / "weight_hashes.json"
+    memo_file = settings.model_cache_dir() / "weight_hashes.json"
     key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
     try:
         memo = json.loads(memo_file.read_text())
@@ -116,7 +105,7 @@ def converted_default_model(models_root: Path | None = None) -> Path:
     half-written model behind and concurrent converters just discard the loser's copy.
     """
     gguf = packaged_gguf()
-    root = Path(models_root) if models_root else model_cache_dir()
+    root = Path(models_root) if models_root else settings.model_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"{DEFAULT_MODEL_ID}-{weights_sha256(gguf)[:16]}"
     if (target / "config.json").is_file():

@@ -1,12 +1,12 @@
 """LoRA training of the base model on a TrainingSet, with guards, early stopping and an atomic adapter write.
 
-Own loop rather than TRL's SFTTrainer, decided by measurement (benchmarks/train_throughput.py, 2-core CPU,
-SmolLM2-135M, same data and steps): on CPU, SFTTrainer can only pad batches (its padding-free packing needs
-flash-attention), runs its logits and loss over every position of the 49k-word vocabulary, and adds per-step
-Trainer overhead; it ran at about the plain padded loop's speed. This loop groups batches by length (little
-padding, often none, so attention takes its causal fast path), computes the vocabulary projection only at the
-answer positions the loss is taken on, and tokenizes and pads every batch once for all epochs. Figures are
-in docs/GPU.md and the benchmark's output.
+Our own loop rather than TRL's SFTTrainer, decided by measurement (benchmarks/train_throughput.py; 2-core
+Xeon, fp32, SmolLM2-135M, 1128 QA pairs, 30 steps x batch 8, real tokens/s): this loop 394, a plain HF + PEFT
+loop 289, SFTTrainer 267. On CPU SFTTrainer can only pad (its padding-free packing needs flash-attention),
+projects every position onto the 49k-word vocabulary and adds per-step Trainer overhead. This loop groups
+batches by length (6% padding instead of 19%, often none, so attention takes its causal fast path), projects
+onto the vocabulary only at the answer positions the loss is taken on, fuses each LoRA branch into one extra
+GEMM, and tokenizes and pads every batch once for the whole run.
 """
 
 from __future__ import annotations

@@ -5,18 +5,13 @@ from collections import Counter
 import dagster as dg
 
 from sleeptrain_assets.lib import queue_checks, settings
+from sleeptrain_assets.lib.markdown import table
 from sleeptrain_assets.lib.catalog import TemplateSet, load_people, load_templates, validate_catalog
 from sleeptrain_assets.lib.records import Conversation, EvalItem, Person
 from sleeptrain_assets.lib.templating import conversation_text, evaluation_items, templated_conversations as build
 from sleeptrain_resources.llm import BaseModel
 
 GROUP = "curation"
-
-
-def _table(header: list[str], rows: list[list[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 @dg.multi_asset(
@@ -46,7 +41,7 @@ def people_and_templates(context: dg.AssetExecutionContext):
             "fictional": kinds.get("fictional", 0),
             "data_dir": str(root),
             "profiles": dg.MetadataValue.md(
-                _table(
+                table(
                     ["id", "name", "kind", "look-alike of", "file"],
                     [[p.id, p.name, p.kind, ", ".join(p.lookalike_of), p.source] for p in people.values()],
                 )

@@ -7,6 +7,7 @@ import numpy as np
 from pydantic import Field
 
 from sleeptrain_assets.lib import settings
+from sleeptrain_assets.lib.markdown import table
 from sleeptrain_assets.lib.hedge import BIASES, HedgePolicy
 from sleeptrain_assets.lib.hippocampus import (
     HippocampusRules,
@@ -63,21 +64,10 @@ class ConsolidationConfig(dg.Config):
                                               "of a person with the same value merge")
 
 
-def _cell(value: object, limit: int = 400) -> str:
-    text = str(value).replace("|", "\\|").replace("\n", " ")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _table(header: list[str], rows: list[list[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _per_person_table(counts: dict[str, int], people: dict[str, Person] | None = None) -> str:
     people = people or {}
     rows = [[pid, people[pid].name if pid in people else "", n] for pid, n in counts.items()]
-    return _table(["person", "name", "active memories"], rows) if rows else "_no memories_"
+    return table(["person", "name", "active memories"], rows) if rows else "_no memories_"
 
 
 @dg.asset(group_name=GROUP)
@@ -131,7 +121,7 @@ def hippocampus_memories(
             "decisions": dg.MetadataValue.json(counts),
             "store_operations": dg.MetadataValue.json(report.operations),
             "decision_table": dg.MetadataValue.md(
-                _table(["action", "person", "slot", "value", "importance", "nll", "reason"], rows)
+                table(["action", "person", "slot", "value", "importance", "nll", "reason"], rows)
                 + (f"\n\n_{len(decisions) - config.table_rows} more in the operation log_"
                    if len(decisions) > config.table_rows else "")
             ),
@@ -168,7 +158,7 @@ def consolidated_memories(
             "actions": dg.MetadataValue.json(counts),
             "store_operations": dg.MetadataValue.json(report.operations),
             "action_table": dg.MetadataValue.md(
-                _table(["op", "person", "memory", "into", "reason"],
+                table(["op", "person", "memory", "into", "reason"],
                        [[a.op, a.person_id, a.memory_id, a.into or "", a.reason] for a in actions])
                 if actions else "_nothing to consolidate_"
             ),

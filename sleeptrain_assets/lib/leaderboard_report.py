@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sleeptrain_assets.lib.markdown import table
+
 BENCHMARK = "sleeptrain-people"
 HEADLINE_KINDS = ("recall", "paraphrase", "multi_turn", "correction", "locality")
 TABLE_KINDS = ("recall", "paraphrase", "multi_turn", "correction", "identity", "locality", "interference", "hallucination")
@@ -196,14 +198,13 @@ def _epoch(time: str) -> float:
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     header = ["Model", "Adapter", "Benchmark", "Score", "Recall", "Paraphrase", "Multi-turn", "Correction",
               "Locality", "Retrieval recall", "Count"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cells = []
     for row in rows:
         m, r = row.get("metrics") or {}, row.get("retrieval") or {}
-        cells = [row["model"], row["adapter_version"], row["benchmark"], _pct(row.get("score")),
-                 *(_pct(m.get(k)) for k in ("recall", "paraphrase", "multi_turn", "correction", "locality")),
-                 _pct(r.get("recall")), str(row.get("count", ""))]
-        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines)
+        cells.append([row["model"], row["adapter_version"], row["benchmark"], _pct(row.get("score")),
+                      *(_pct(m.get(k)) for k in ("recall", "paraphrase", "multi_turn", "correction", "locality")),
+                      _pct(r.get("recall")), str(row.get("count", ""))])
+    return table(header, cells)
 
 
 # --------------------------------------------------------------------------- retention
