@@ -473,8 +473,10 @@ class _Run:
             answer_tokens += int(batch.targets.numel())
             padding += batch.padding
             ema = value if ema is None else 0.7 * ema + 0.3 * value
-            start_loss = sum(losses[:3]) / len(losses[:3])
-            if step > 3 and ema > hp.divergence_factor * start_loss:
+            # Against the highest of the first losses, and by a full nat at least: batches differ in how
+            # much they already know (replay vs new facts), and a low first batch must not trip the guard.
+            start_loss = max(losses[:3])
+            if step > 3 and ema > hp.divergence_factor * start_loss and ema > start_loss + 1.0:
                 raise TrainingFailed(
                     f"loss rose from {start_loss:.3f} to {ema:.3f} (x{hp.divergence_factor} guard) at "
                     f"step {step}; no adapter written"

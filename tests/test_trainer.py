@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -118,7 +119,9 @@ def test_fused_lora_forward_matches_peft() -> None:
     from peft import LoraConfig, get_peft_model
 
     model, tokenizer = BaseModel().load_fresh()
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
