@@ -19,6 +19,7 @@ from typing import Any
 import dagster as dg
 
 from sleeptrain_assets.lib import settings
+from sleeptrain_assets.lib.atomic import write_text_atomic
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct-Q4_1"
@@ -81,21 +82,8 @@ def weights_sha256(path: Path) -> str:
             digest.update(file_sha256(p).encode())
         value = digest.hexdigest()
     memo[key] = value
-    _atomic_write_text(memo_file, json.dumps(memo, indent=1, sort_keys=True))
+    write_text_atomic(memo_file, json.dumps(memo, indent=1, sort_keys=True))
     return value
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def converted_default_model(models_root: Path | None = None) -> Path:

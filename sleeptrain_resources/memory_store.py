@@ -37,6 +37,7 @@ from pydantic import PrivateAttr
 from sleeptrain_assets.lib import settings
 from sleeptrain_assets.lib.hippocampus import memory_id as deterministic_memory_id
 from sleeptrain_assets.lib.records import Decision, Memory
+from sleeptrain_assets.lib.atomic import write_text_atomic
 from sleeptrain_resources.embedding import DIM, MODEL_ID
 
 log = logging.getLogger(__name__)
@@ -973,7 +974,7 @@ class LocalMemoryStore(MemoryStore):
             raise
         meta = {**self._index_meta(), "max_seq": self._indexed_max, "ntotal": int(self._index.ntotal),
                 "sha256": digest, "size": self.index_path.stat().st_size}
-        _atomic_write_text(self.index_meta_path, json.dumps(meta, indent=1, sort_keys=True))
+        write_text_atomic(self.index_meta_path, json.dumps(meta, indent=1, sort_keys=True))
         self._unsaved = 0
 
     def _save_index_if_dirty(self) -> None:
@@ -1023,19 +1024,6 @@ def _file_sha256(path: Path) -> str:
         while block := fh.read(1 << 22):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _log_row(row: dict[str, Any]) -> dict[str, Any]:
