@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import tempfile
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from sleeptrain_assets.lib.atomic import write_text_atomic
 
 ACTIONS = ("STORE", "REJECT", "CORRECT")
 FORMAT_VERSION = 1
@@ -190,17 +190,7 @@ class HedgePolicy:
     def save(self, path: str | Path) -> Path:
         """Write the state atomically (temp file + rename): a crash leaves the old state or the new one."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self.to_dict(), fh, indent=1, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=1, sort_keys=True))
         return path
 
     @classmethod
