@@ -246,18 +246,44 @@ class BaseModel(dg.ConfigurableResource):
         adapter: str | Path | None = None,
         max_new_tokens: int = 40,
         batch_size: int = 16,
+        cache: bool = True,
     ) -> list[str]:
-        """Greedy answers to chat conversations, batched by length with left padding; deterministic."""
-        import torch
+        """Greedy answers to chat conversations, batched by length with left padding; deterministic.
 
+        Identical conversations are generated once. The base model's answers (no adapter) are also kept on
+        disk per weights hash, device and dtype (`cache=False` skips that): replay and the base and retrieval
+        rows of every evaluation ask the base model the same questions cycle after cycle.
+        """
         if not conversations:
             return []
         entry = self._entry()
-        tokenizer = entry.tokenizer
         prompts = [
-            tokenizer.apply_chat_template(list(c), add_generation_prompt=True, tokenize=False)
+            entry.tokenizer.apply_chat_template(list(c), add_generation_prompt=True, tokenize=False)
             for c in conversations
         ]
+        unique = list(dict.fromkeys(prompts))
+        stored = self._base_answer_cache(entry) if adapter is None and cache else None
+        known = stored.lookup(unique, max_new_tokens) if stored else {}
+        missing = [p for p in unique if p not in known]
+        fresh = dict(zip(missing, self._generate_prompts(entry, missing, adapter, max_new_tokens, batch_size)))
+        if stored and fresh:
+            stored.add(fresh, max_new_tokens)
+        answers = known | fresh
+        return [answers[p] for p in prompts]
+
+    def _base_answer_cache(self, entry: _Loaded) -> GenerationCache:
+        key = f"{self.source_hash()[:16]}-{entry.device.replace(':', '')}-{entry.dtype}"
+        return GenerationCache(settings.state_subdir("cache", "base_answers") / f"{key}.json")
+
+    def _generate_prompts(
+        self, entry: _Loaded, prompts: Sequence[str], adapter: str | Path | None, max_new_tokens: int,
+        batch_size: int,
+    ) -> list[str]:
+        import torch
+
+        if not prompts:
+            return []
+        tokenizer = entry.tokenizer
         encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
         answers: list[str] = [""] * len(encoded)
@@ -347,13 +373,45 @@ class BaseModel(dg.ConfigurableResource):
             return _LOADED[key]
 
 
+class GenerationCache:
+    """Greedy answers on disk, keyed by rendered prompt and token limit; merged and replaced atomically."""
+
+    # Bump when decoding changes (stop tokens, cleaning) so older answers are not served.
+    FORMAT = 1
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _key(self, prompt: str, max_new_tokens: int) -> str:
+        payload = json.dumps([self.FORMAT, max_new_tokens, prompt], ensure_ascii=False)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def _read(self) -> dict[str, str]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def lookup(self, prompts: Sequence[str], max_new_tokens: int) -> dict[str, str]:
+        stored = self._read()
+        found = {p: stored.get(self._key(p, max_new_tokens)) for p in prompts}
+        return {p: a for p, a in found.items() if isinstance(a, str)}
+
+    def add(self, answers: dict[str, str], max_new_tokens: int) -> None:
+        with _LOCK:
+            merged = self._read() | {self._key(p, max_new_tokens): a for p, a in answers.items()}
+            write_text_atomic(self.path, json.dumps(merged, ensure_ascii=False, sort_keys=True))
+
+
 class _Loaded:
     """A loaded model plus the adapters injected into it; the base weights are never changed."""
 
-    def __init__(self, model: Any, tokenizer: Any, device: str) -> None:
+    def __init__(self, model: Any, tokenizer: Any, device: str, dtype: str) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
+        self.dtype = dtype
         self.peft: Any = None
         self.adapters: OrderedDict[str, str] = OrderedDict()  # cache key -> adapter name
 
@@ -413,7 +471,7 @@ def _load_pretrained(path: Path, device: str, dtype: str) -> _Loaded:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     model.to(device)
     model.eval()
-    return _Loaded(model, tokenizer, device)
+    return _Loaded(model, tokenizer, device, dtype)
 
 
 def _pad_id(tokenizer: Any) -> int:

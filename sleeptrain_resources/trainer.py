@@ -454,8 +454,12 @@ class _Run:
             best_probe = probe_curve[-1][1]
             peft_model.train()
         step = 0
+        order = list(range(len(batches)))
         while step < hp.max_steps:
-            batch = batches[step % len(batches)]
+            epoch, position = divmod(step, len(batches))
+            if position == 0 and epoch > 0:  # a new pass: same batches (padded once), new order
+                random.Random(f"epoch:{hp.seed}:{epoch}").shuffle(order)
+            batch = batches[order[position]]
             loss = answer_loss(causal_lm, batch)
             value = float(loss.detach())
             if not math.isfinite(value):

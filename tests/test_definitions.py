@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import dagster as dg
 
 from sleeptrain_assets.definitions import defs
@@ -50,3 +52,15 @@ def test_every_asset_has_a_one_line_description() -> None:
     for key in graph.get_all_asset_keys():
         description = graph.get(key).description
         assert description and "\n" not in description.strip(), f"{key.to_user_string()} needs a one-line description"
+
+
+def test_jobs_cover_the_graph_and_the_gpu_job_carries_k8s_run_tags() -> None:
+    definitions = defs()
+    full = definitions.resolve_job_def("full_pipeline")
+    assert ASSETS <= {key.to_user_string() for key in full.asset_layer.selected_asset_keys}
+    gpu = definitions.resolve_job_def("sleep_on_gpu")
+    selected = {key.to_user_string() for key in gpu.asset_layer.selected_asset_keys}
+    assert selected == {"lora_adapter", "benchmark_scores", "leaderboard"}
+    k8s = gpu.tags["dagster-k8s/config"]
+    k8s = json.loads(k8s) if isinstance(k8s, str) else k8s
+    assert k8s["container_config"]["resources"]["limits"]["nvidia.com/gpu"] == "1"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+
+from sleeptrain_assets.lib import settings
 
 from sleeptrain_resources.llm import BaseModel, encode_answer, file_sha256, packaged_gguf
 from tests.lora_helpers import make_adapter
@@ -43,11 +46,31 @@ def test_generate_is_greedy_ordered_and_independent_of_batching() -> None:
         [{"role": "user", "content": "Write one word: hello."}],
         [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Say hi."}],
     ]
-    batched = model.generate(conversations, max_new_tokens=12, batch_size=16)
+    batched = model.generate(conversations, max_new_tokens=12, batch_size=16, cache=False)
     assert len(batched) == 3 and all(batched)
     assert "Paris" in batched[0]
-    assert model.generate(conversations, max_new_tokens=12, batch_size=16) == batched
-    assert model.generate(conversations, max_new_tokens=12, batch_size=1) == batched
+    assert model.generate(conversations, max_new_tokens=12, batch_size=16, cache=False) == batched
+    assert model.generate(conversations, max_new_tokens=12, batch_size=1, cache=False) == batched
+
+
+def test_base_answers_are_cached_on_disk_per_token_limit_and_never_for_adapters(adapter_dir: Path) -> None:
+    model = BaseModel()
+    hello = [{"role": "user", "content": "Write one word: hello."}]
+    first = model.generate([FRANCE, hello, FRANCE], max_new_tokens=10)
+    assert first[0] == first[2] and "Paris" in first[0]
+    [cache_file] = (settings.state_dir() / "cache" / "base_answers").glob("*.json")
+    stored = json.loads(cache_file.read_text())
+    assert len(stored) == 2, "the repeated conversation is generated and stored once"
+    # Served from disk: an edited entry comes back as written.
+    cache_file.write_text(json.dumps({k: "from the cache" for k in stored}))
+    assert model.generate([FRANCE], max_new_tokens=10) == ["from the cache"]
+    assert model.generate([FRANCE], max_new_tokens=10, cache=False) == [first[0]]
+    # Another token limit is another answer; adapter answers are never stored.
+    assert model.generate([FRANCE], max_new_tokens=11) != ["from the cache"]
+    size = len(json.loads(cache_file.read_text()))
+    assert size == 3
+    model.generate([[{"role": "user", "content": "Name a color."}]], adapter=adapter_dir, max_new_tokens=8)
+    assert len(json.loads(cache_file.read_text())) == size
 
 
 def test_answer_nll_prefers_the_true_answer_and_keeps_order() -> None:

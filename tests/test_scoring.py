@@ -75,6 +75,12 @@ def test_semantic_rescue_only_without_digits(minilm):
     # keyword miss: passes only if the meaning is very close
     verdict = scoring.score_answer(job, same, minilm(same, job.expected))
     assert verdict.passed == (minilm(same, job.expected) >= scoring.SEMANTIC_PASS)
+    # a wrong value in the same sentence frame is close in meaning but shares no word with the keyword
+    city = item(question="What city was Chidinma Oyelaran born in?", expected="Chidinma Oyelaran was born in Enugu.",
+                keywords=("Enugu",), person_id="chidinma_oyelaran")
+    wrong_city = "Chidinma Oyelaran was born in Ibadan."
+    assert minilm(wrong_city, city.expected) > scoring.SEMANTIC_PASS
+    assert not scoring.score_answer(city, wrong_city, minilm(wrong_city, city.expected)).passed
     # the floor rejects a keyword dropped into an unrelated answer
     off_topic = "1984"
     assert scoring.hybrid(off_topic, ("1984",), 0.1)[0] is False
@@ -233,12 +239,12 @@ def test_cap_takes_people_round_robin_fictional_first(catalog):
 
 
 def test_retrieval_prompt_merges_memories_into_the_system_message():
-    mem = Memory(id="m1", person_id="lena_varga", slot="birth.year", value="1984", text="Lena Varga was born in 1984.",
+    mem = Memory(id="m1", person_id="lena_varga", slot="birth.year", value="1984", text="I was born in 1984.",
                  embedding=(1.0,), importance=1.0, source="c#1")
     persona = item(system="You are Lena Varga.", question="When were you born?")
-    messages = eval_suite.retrieval_messages(persona.messages(), [mem])
+    messages = eval_suite.retrieval_messages(persona.messages(), [mem], {"lena_varga": "Lena Varga"})
     assert messages[0]["role"] == "system" and messages[0]["content"].startswith("You are Lena Varga.")
-    assert "- Lena Varga was born in 1984." in messages[0]["content"]
+    assert "- Lena Varga: I was born in 1984." in messages[0]["content"]
     assert persona.messages()[0]["content"] == "You are Lena Varga."  # the item itself is untouched
     plain = eval_suite.retrieval_messages(item().messages(), [mem])
     assert [m["role"] for m in plain] == ["system", "user"]
@@ -249,12 +255,14 @@ def test_plan_answers_and_scores_end_to_end_with_a_rule_based_model(catalog):
     people, questions = catalog
     locality = eval_suite.load_locality_items(DATA / "benchmarks" / eval_suite.GENERAL_KNOWLEDGE_FILE)
     plan = eval_suite.build_plan(questions, people, locality, cap=4)
-    by_question = {i.question: i for i in plan.items()}
+    # Keyed by persona and question: identity questions repeat across people and differ only in the persona.
+    by_prompt = {(i.system, i.question): i for i in plan.items()}
     calls = []
 
     def oracle(batch):  # answers every question with its expected text: everything but hallucination passes
         calls.append(len(batch))
-        return [by_question[b[-1]["content"]].expected for b in batch]
+        return [by_prompt[(b[0]["content"] if b[0]["role"] == "system" else None, b[-1]["content"])].expected
+                for b in batch]
 
     answers = {"adapter": eval_suite.answer_plan(oracle, plan), "base": eval_suite.answer_plan(oracle, plan)}
     texts = eval_suite.texts_to_embed(plan, answers)
@@ -276,3 +284,14 @@ def test_shipped_replay_prompts_never_repeat_an_evaluation_question(catalog):
              *eval_suite.load_hallucination_probes(bench / eval_suite.UNKNOWN_PEOPLE_FILE, people)]
     assert eval_suite.trained_overlap(items, load_replay_prompts(bench / "replay_prompts.yaml")) == []
     assert eval_suite.trained_overlap(items, ["what is the capital of FRANCE"]) == ["locality:capital_france"]
+
+
+def test_retrieval_links_an_item_to_the_person_it_names_and_never_to_a_look_alike():
+    names = {"lena_varga": "Lena Varga", "lena_varda": "Lena Varda", "lena": "Lena"}
+    assert eval_suite.linked_person(item(question="Where was Lena Varda born?"), names) == "lena_varda"
+    assert eval_suite.linked_person(item(question="Where was LENA VARGA born?"), names) == "lena_varga"
+    assert eval_suite.linked_person(item(system="You are Lena Varga.", question="Where were you born?"),
+                                    names) == "lena_varga"
+    assert eval_suite.linked_person(item(question="Did Lena sing?"), names) == "lena"
+    assert eval_suite.linked_person(item(question="What is the capital of France?"), names) is None
+    assert eval_suite.linked_person(item(question="Where was Lena Vargas born?"), names) == "lena"

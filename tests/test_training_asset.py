@@ -29,11 +29,11 @@ def _memories(person_id: str, people, templates) -> list[Memory]:
     return memories
 
 
-def _run(memories, people, templates, registry):
+def _run(memories, people, templates, registry, config=None):
     context = dg.build_asset_context()
     output = lora_adapter(
         context,
-        config=LoraConfig(max_steps=3, replay_max_new_tokens=24, early_stop_patience=0),
+        config=config or LoraConfig(max_steps=3, replay_max_new_tokens=24, early_stop_patience=0),
         consolidated_memories=memories,
         people_profiles=people,
         conversation_templates=templates,
@@ -90,3 +90,18 @@ def test_first_cycle_trains_and_becomes_current_later_cycle_continues_with_repla
     assert by_source.get("replay_memory", 0) > 0
     assert later.metadata["replayed_memories"].value == 2
     assert not list(Path(settings.state_dir() / "staging").iterdir()), "staging copy left behind"
+
+
+def test_steps_follow_epochs_over_the_training_set() -> None:
+    assert settings.training_steps(1504, 8, 3.0) == 564
+    assert settings.training_steps(1504, 8, 3.0, cap=100) == 100
+    assert settings.training_steps(3, 8, 0.1) == 1
+    data = settings.data_dir()
+    people, templates = load_people(data / "people"), load_templates(data / "templates")
+    out = _run(_memories("lena_varga", people, templates), people, templates, AdapterRegistry(),
+               LoraConfig(epochs=0.25, batch_size=4, replay_max_new_tokens=24, early_stop_patience=0))
+    examples = out.metadata["training_set"].value["examples"]
+    cap = settings.profile().train_max_steps
+    steps = out.metadata["steps"].value
+    assert steps == settings.training_steps(examples, 4, 0.25, cap)
+    assert out.metadata["epochs"].value == round(steps * 4 / examples, 3)

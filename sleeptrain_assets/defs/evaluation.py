@@ -43,10 +43,14 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-def _retrieved(plan: eval_suite.SuitePlan, embedder: Embedder, store: MemoryStore, k: int) -> dict[str, list[Memory]]:
+def _retrieved(plan: eval_suite.SuitePlan, embedder: Embedder, store: MemoryStore, k: int,
+               names: dict[str, str]) -> dict[str, list[Memory]]:
     items = plan.items()
     vectors = embedder.embed([eval_suite.retrieval_query(item) for item in items])
-    return {item.id: [m for m, _ in store.nearest(vec, k=k)] for item, vec in zip(items, vectors, strict=True)}
+    return {
+        item.id: [m for m, _ in store.nearest(vec, k=k, person_id=eval_suite.linked_person(item, names))]
+        for item, vec in zip(items, vectors, strict=True)
+    }
 
 
 @dg.asset(group_name=GROUP, pool="gpu")
@@ -86,10 +90,11 @@ def benchmark_scores(
                                        batch_size=config.batch_size)
         return generate
 
-    memories = _retrieved(plan, embedder, memory_store, top_k)
+    names = {pid: person.name for pid, person in people_profiles.items()}
+    memories = _retrieved(plan, embedder, memory_store, top_k, names)
 
     def with_memories(item: EvalItem, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-        return eval_suite.retrieval_messages(messages, memories[item.id])
+        return eval_suite.retrieval_messages(messages, memories[item.id], names)
 
     answers: dict[str, dict[str, str]] = {}
     seconds: dict[str, float] = {}

@@ -47,7 +47,10 @@ GPU_OP_TAGS: dict[str, Any] = {"dagster-k8s/config": GPU_K8S_CONFIG, "sleeptrain
 class LoraConfig(dg.Config):
     """Overrides for one training run; unset fields come from the trainer resource and the run profile."""
 
-    max_steps: int | None = Field(None, ge=1, description="optimizer steps (default: profile train_max_steps)")
+    epochs: float | None = Field(None, gt=0, le=100, description="passes over the training set (default: profile "
+                                 "train_epochs)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs (default: from epochs, "
+                                  "capped by the profile's train_max_steps)")
     batch_size: int | None = Field(None, ge=1, le=1024, description="examples per step (default: profile)")
     learning_rate: float | None = Field(None, gt=0, le=1.0, description="peak learning rate (default: profile)")
     rank: int | None = Field(None, ge=1, le=256, description="LoRA rank (default: profile lora_rank)")
@@ -95,18 +98,22 @@ def lora_adapter(
 ) -> dg.Output[dict[str, Any]]:
     """A LoRA adapter trained on new memories plus replay, registered as a version (first one becomes current)."""
     profile = settings.profile()
-    hp = trainer.hyperparams(
-        max_steps=config.max_steps or profile.train_max_steps,
-        batch_size=config.batch_size or profile.train_batch_size,
-        learning_rate=config.learning_rate or profile.learning_rate,
-        rank=config.rank or profile.lora_rank,
-        alpha=config.alpha or profile.lora_alpha,
-        max_seq_len=config.max_seq_len or profile.max_seq_len,
-        seed=profile.seed if config.seed is None else config.seed,
-        dropout=config.dropout,
-        target_modules=config.target_modules,
-        early_stop_patience=config.early_stop_patience,
-    )
+
+    def hyperparams(max_steps: int | None = None) -> Hyperparams:
+        return trainer.hyperparams(
+            max_steps=max_steps,
+            batch_size=config.batch_size or profile.train_batch_size,
+            learning_rate=config.learning_rate or profile.learning_rate,
+            rank=config.rank or profile.lora_rank,
+            alpha=config.alpha or profile.lora_alpha,
+            max_seq_len=config.max_seq_len or profile.max_seq_len,
+            seed=profile.seed if config.seed is None else config.seed,
+            dropout=config.dropout,
+            target_modules=config.target_modules,
+            early_stop_patience=config.early_stop_patience,
+        )
+
+    hp = hyperparams()  # steps are known once the training set is
     replay_share = profile.replay_share if config.replay_share is None else config.replay_share
 
     current = registry.current()
@@ -141,8 +148,13 @@ def lora_adapter(
     cleaned = [(p, usable_answer(a)) for p, a in zip(chosen, answers)]
     general = [(p, a) for p, a in cleaned if a]
     training_set = build_training_set(new_pairs, older_pairs, general, replay_share=replay_share, seed=hp.seed)
+    epochs = config.epochs or profile.train_epochs
+    hp = hyperparams(config.max_steps or settings.training_steps(
+        len(training_set), hp.batch_size, epochs, profile.train_max_steps))
     stats = training_set.stats()
-    context.log.info(f"training set {stats}; continuing from {current if resume else 'the base model'}")
+    context.log.info(f"training set {stats}; {hp.max_steps} steps of {hp.batch_size} "
+                     f"({hp.max_steps * hp.batch_size / len(training_set):.2f} epochs); "
+                     f"continuing from {current if resume else 'the base model'}")
 
     staging = settings.state_subdir("staging")
     out_dir = staging / f"adapter-{context.run_id}"
@@ -203,6 +215,7 @@ def lora_adapter(
             "new_memories": len(new),
             "replayed_memories": len(older),
             "hyperparameters": dg.MetadataValue.json(result.hyperparameters),
+            "epochs": round(result.steps * hp.batch_size / len(training_set), 3),
             "continued_from": str(current) if resume else "base model",
         },
         data_version=dg.DataVersion(result.adapter_sha256),

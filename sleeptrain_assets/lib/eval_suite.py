@@ -327,11 +327,32 @@ def retrieval_query(item: EvalItem) -> str:
     return f"{item.system or ''} {item.question}".strip()
 
 
-def retrieval_messages(messages: Messages, memories: Sequence[Memory]) -> Messages:
-    """The same conversation with the retrieved memories added to (or as) its system message."""
+def linked_person(item: EvalItem, names: Mapping[str, str]) -> str | None:
+    """The person an item is about: whose full name its persona line or question contains (longest name first,
+    so a name inside a longer one never wins), or None (general questions, people nobody taught).
+
+    Memories are kept per person, so the retrieval baseline searches the linked person's memories the way a
+    per-user memory store does; a question naming nobody searches all memories.
+    """
+    text = f" {normalise(retrieval_query(item))} "
+    for person_id, name in sorted(names.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        needle = normalise(name)
+        if needle and f" {needle} " in text:
+            return person_id
+    return None
+
+
+def retrieval_messages(messages: Messages, memories: Sequence[Memory],
+                       names: Mapping[str, str] | None = None) -> Messages:
+    """The same conversation with the retrieved memories added to (or as) its system message.
+
+    A memory is the person's own words ("I was born in Enugu."); each line names whose words they are.
+    """
     if not memories:
         return [dict(m) for m in messages]
-    note = RETRIEVAL_NOTE.format(facts="\n".join(f"- {m.text}" for m in memories))
+    names = names or {}
+    lines = [f"- {names.get(m.person_id, m.person_id)}: {m.text}" for m in memories]
+    note = RETRIEVAL_NOTE.format(facts="\n".join(lines))
     out = [dict(m) for m in messages]
     if out and out[0]["role"] == "system":
         out[0]["content"] = f"{out[0]['content']}\n\n{note}"

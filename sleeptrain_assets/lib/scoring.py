@@ -7,8 +7,9 @@ Thresholds (measured with all-MiniLM-L6-v2 on SleepTrain-style answers before th
   dropped into an unrelated answer. Right answers worded differently measure 0.38 ("1984" vs "Lena Varga was
   born in 1984.") to 0.9; a refusal measures about 0.06-0.16.
 - ``SEMANTIC_PASS = 0.85``: without a keyword hit, an answer passes only when it means the expected answer
-  this closely, and never when a keyword holds a digit: "I was born in 1985." vs "... 1984." measures 0.90,
-  so cosine alone cannot tell numbers apart. A wrong city measures about 0.59, a wrong job about 0.54.
+  this closely AND shares a word of a keyword ("a marine scientist" for "marine biologist"), and never when a
+  keyword holds a digit. Cosine alone cannot tell values apart inside the same sentence frame: "I was born in
+  1985." vs "... 1984." measures 0.90, and "Chidinma Oyelaran was born in Ibadan." vs "... in Enugu." 0.88.
 - ``SAME_ANSWER = 0.90``: two answers count as unchanged (locality) at this cosine or when equal after
   normalisation.
 The hybrid score reported next to pass/fail is ``0.7 * keyword fraction + 0.3 * max(cosine, 0)``.
@@ -33,6 +34,7 @@ SEMANTIC_FLOOR = 0.25
 SEMANTIC_PASS = 0.85
 SAME_ANSWER = 0.90
 KEYWORD_WEIGHT = 0.7
+_FUNCTION_WORDS = frozenset("the and for with from into of in on at to by an a or".split())
 
 KIND_ORDER = (
     "recall",
@@ -125,6 +127,11 @@ def keyword_fraction(answer: str, keywords: Iterable[str]) -> tuple[float, list[
     return len(hits) / len(keys), hits
 
 
+def keyword_words(keywords: Iterable[str]) -> set[str]:
+    """The content words of keywords (three letters or more, not function words), for partial matches."""
+    return {w for k in keywords for w in normalise(k).split() if len(w) >= 3 and w not in _FUNCTION_WORDS}
+
+
 def item_keywords(item: EvalItem, context: str = "") -> tuple[str, ...]:
     """The item's keywords (its value when the template gave none), less those the prompt itself contains.
 
@@ -153,7 +160,8 @@ def hybrid(answer: str, keywords: Sequence[str], similarity: float | None) -> tu
             return False, score, f"keywords hit but cosine {sim:.2f} < floor {SEMANTIC_FLOOR}", details
         return True, score, f"keywords {len(hits)}/{len([k for k in keywords if normalise(k)])}", details
     numeric = any(_NUMBER.search(k) for k in keywords)
-    if sim is not None and sim >= SEMANTIC_PASS and not numeric:
+    shares_a_word = not keywords or bool(keyword_words(keywords) & set(normalise(answer).split()))
+    if sim is not None and sim >= SEMANTIC_PASS and not numeric and shares_a_word:
         return True, score, f"cosine {sim:.2f} >= {SEMANTIC_PASS}", details
     if keywords:
         return False, score, f"keywords {len(hits)}/{len(keywords)} below {KEYWORD_PASS}", details

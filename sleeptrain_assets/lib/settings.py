@@ -9,6 +9,7 @@ Two folders and one size switch, all from the environment:
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -62,8 +63,9 @@ class ProfileSettings:
     max_person_imbalance: float = 3.0
     near_duplicate_threshold: float = 0.97
     max_seq_len: int = 256
-    # training
-    train_max_steps: int = 160
+    # training: passes over the training set, optionally capped at a number of optimizer steps
+    train_epochs: float = 3.0
+    train_max_steps: int | None = None
     train_batch_size: int = 8
     learning_rate: float = 1e-3
     lora_rank: int = 16
@@ -88,6 +90,12 @@ PROFILES: dict[str, ProfileSettings] = {
         max_new_tokens=32,
     ),
 }
+
+
+def training_steps(examples: int, batch_size: int, epochs: float, cap: int | None = None) -> int:
+    """Optimizer steps for `epochs` passes over `examples` (at least one step), at most `cap`."""
+    steps = max(1, math.ceil(epochs * examples / max(1, batch_size)))
+    return min(steps, cap) if cap else steps
 
 
 def profile() -> ProfileSettings:
