@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -284,6 +285,12 @@ def test_shipped_replay_prompts_never_repeat_an_evaluation_question(catalog):
              *eval_suite.load_hallucination_probes(bench / eval_suite.UNKNOWN_PEOPLE_FILE, people)]
     assert eval_suite.trained_overlap(items, load_replay_prompts(bench / "replay_prompts.yaml")) == []
     assert eval_suite.trained_overlap(items, ["what is the capital of FRANCE"]) == ["locality:capital_france"]
+    # Replay covers neighbouring knowledge, never the probes' own entities: locality then measures whether
+    # replay generalises to what it did not replay.
+    prompts = " ".join(load_replay_prompts(bench / "replay_prompts.yaml"))
+    entities = {w for i in items for k in (*i.keywords, i.question) for w in re.findall(r"\b[A-Z][a-z]{2,}\b", k)}
+    entities -= {"What", "Who", "When", "Where", "Which", "How", "The", "Does", "Did", "Tell", "Name"}
+    assert not [e for e in sorted(entities) if re.search(rf"\b{e}\b", prompts)]
 
 
 def test_retrieval_links_an_item_to_the_person_it_names_and_never_to_a_look_alike():

@@ -638,8 +638,10 @@ def render_html(rows: Sequence[Mapping[str, Any]], latest: Mapping[str, Any] | N
         "</section>",
         '<section class="panel"><h2>How items are scored</h2><ul class="method">',
         "<li><b>Recall, paraphrase, multi-turn, identity:</b> at least half the keywords (the fact's value) and "
-        "MiniLM cosine ≥ 0.25 to the expected answer; without a keyword hit, cosine ≥ 0.85 and no digits in the "
-        "keywords.</li>",
+        "MiniLM cosine ≥ 0.25 to the expected answer; without a keyword hit, cosine ≥ 0.85, a shared content word "
+        "with the keywords and no digits in them.</li>",
+        "<li><b>Retrieval:</b> the base model with the top-k memories of the person the question names (all "
+        "memories when it names nobody) in its system prompt, each marked with whose words it is.</li>",
         "<li><b>Multi-turn:</b> 6 turns per person with the model's own answers kept in context; a turn passes "
         "only if it is right and consistent with every turn on the same fact.</li>",
         "<li><b>Correction:</b> the answer must deny the wrong claim <i>and</i> give the right value.</li>",
