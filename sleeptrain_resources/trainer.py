@@ -61,7 +61,7 @@ class Hyperparams:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     divergence_factor: float = 3.0
-    early_stop_patience: int = 3
+    early_stop_patience: int = 5
     early_stop_min_delta: float = 0.02
     probe_every: int = 20
     probe_size: int = 24
@@ -103,7 +103,8 @@ class TrainResult:
     adapter_dir: Path
     adapter_sha256: str
     steps: int
-    stopped: str  # max_steps | plateau
+    stopped: str  # max_steps | plateau (then the weights are those of the best held-in probe)
+    weights_from_step: int  # the step whose weights were saved: `steps`, or the best probe's after a plateau
     loss_curve: list[float]
     probe_curve: list[tuple[int, float]]
     tokens: int  # real (non-padding) tokens through forward and backward
@@ -282,7 +283,7 @@ class LoraTrainer(dg.ConfigurableResource):
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     divergence_factor: float = 3.0
-    early_stop_patience: int = 3
+    early_stop_patience: int = 5
     early_stop_min_delta: float = 0.02
     probe_every: int = 20
     probe_size: int = 24
@@ -343,6 +344,7 @@ class LoraTrainer(dg.ConfigurableResource):
             adapter_sha256=adapter_sha,
             steps=metrics["steps"],
             stopped=metrics["stopped"],
+            weights_from_step=metrics["weights_from_step"],
             loss_curve=metrics["loss_curve"],
             probe_curve=[tuple(p) for p in metrics["probe_curve"]],
             tokens=metrics["tokens"],
@@ -449,9 +451,12 @@ class _Run:
         ema: float | None = None
         peft_model.train()
         started = time.perf_counter()
+        best_step = 0
+        best_weights: list[Any] = []
         if probe:
             probe_curve.append((0, self._probe_loss(causal_lm, probe)))
             best_probe = probe_curve[-1][1]
+            best_weights = [p.detach().clone() for p in params]
             peft_model.train()
         step = 0
         order = list(range(len(batches)))
@@ -494,10 +499,16 @@ class _Run:
                 if not math.isfinite(current):
                     raise TrainingFailed(f"non-finite held-in loss at step {step}; no adapter written")
                 if current < best_probe * (1 - hp.early_stop_min_delta):
-                    best_probe, stale = current, 0
+                    best_probe, best_step, stale = current, step, 0
+                    best_weights = [p.detach().clone() for p in params]
                 else:
                     stale += 1
                     if hp.early_stop_patience and stale >= hp.early_stop_patience and step < hp.max_steps:
+                        # The weights of the last probes were no better (often noisier, mid-schedule): keep the
+                        # best ones, the way Trainer's load_best_model_at_end does.
+                        with torch.no_grad():
+                            for param, best in zip(params, best_weights, strict=True):
+                                param.copy_(best)
                         stopped = "plateau"
                         break
         seconds = time.perf_counter() - started
@@ -505,6 +516,7 @@ class _Run:
         return {
             "steps": step,
             "stopped": stopped,
+            "weights_from_step": best_step if stopped == "plateau" else step,
             "loss_curve": [round(v, 5) for v in losses],
             "probe_curve": [[s, round(v, 5)] for s, v in probe_curve],
             "initial_loss": round(losses[0], 5),

@@ -114,6 +114,22 @@ def test_loss_rising_far_above_its_start_fails_the_run(training_set, tmp_path: P
     assert not out.exists()
 
 
+def test_plateau_stop_keeps_the_weights_of_the_best_held_in_probe(training_set, tmp_path: Path) -> None:
+    # No probe can beat the start by 99%, so the first probe after step 0 is a plateau with patience 1: the
+    # run stops there and must save the step-0 weights (LoRA B starts at zero), not the trained ones.
+    from safetensors.torch import load_file
+
+    result = LoraTrainer().train(training_set, BaseModel(), tmp_path / "adapter",
+                                 overrides={**TINY, "early_stop_patience": 1, "early_stop_min_delta": 0.99})
+    assert result.stopped == "plateau" and result.steps == 4 and result.weights_from_step == 0
+    assert result.manifest["metrics"]["weights_from_step"] == 0
+    assert result.probe_curve[1][1] < result.probe_curve[0][1], "the run did train before it stopped"
+    weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    lora_b = [t for name, t in weights.items() if "lora_B" in name]
+    assert lora_b and all(float(t.abs().max()) == 0.0 for t in lora_b)
+    assert any(float(t.abs().max()) > 0.0 for name, t in weights.items() if "lora_A" in name)
+
+
 def test_fused_lora_forward_matches_peft() -> None:
     import torch
     from peft import LoraConfig, get_peft_model

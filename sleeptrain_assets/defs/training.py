@@ -204,6 +204,7 @@ def lora_adapter(
             "final_loss": result.final_loss,
             "steps": result.steps,
             "stopped": result.stopped,
+            "weights_from_step": result.weights_from_step,
             "tokens": result.tokens,
             "answer_tokens": result.answer_tokens,
             "tokens_per_s": result.tokens_per_s,
