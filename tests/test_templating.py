@@ -10,11 +10,15 @@ from pathlib import Path
 import pytest
 
 from sleeptrain_assets.lib import queue_checks
-from sleeptrain_assets.lib.catalog import load_people, load_templates
+from sleeptrain_assets.lib.catalog import load_people, load_templates, person_values
 from sleeptrain_assets.lib.records import Memory
 from sleeptrain_assets.lib.settings import PROJECT_ROOT
+from sleeptrain_assets.lib.training_data import build_training_set
 from sleeptrain_assets.lib.templating import (
+    PROFILE_PROMPTS,
     evaluation_items,
+    profile_pairs,
+    qa_pairs,
     qa_pairs_for_memories,
     templated_conversations,
 )
@@ -99,6 +103,36 @@ def test_qa_pairs_follow_memories(catalog) -> None:
     assert len({p.question for p in pairs if p.template_id == "birth_year"}) >= 2
     superseded = dataclasses.replace(memory, status="superseded")
     assert qa_pairs_for_memories([superseded], people, templates) == []
+
+
+def test_profile_pairs_tell_every_fact_in_varying_orders(catalog) -> None:
+    people, templates = catalog
+    person = people["lena_varga"]
+    values = person_values(person, templates)
+    pairs = qa_pairs(person, templates, values)
+    profiles = [p for p in pairs if p.category == "profile"]
+    facts = [p for p in pairs if p.category == "fact"]
+    assert len(profiles) == len(PROFILE_PROMPTS)
+    sentences = {p.answer for p in facts}
+    held = {i.question for i in evaluation_items(people, templates)}
+    for profile in profiles:
+        assert profile.question not in held and person.name in profile.question
+        told = [s + "." for s in profile.answer.split(". ") if s]
+        told[-1] = told[-1].rstrip(".") + "."
+        assert sorted(told) == sorted(sentences), "every fact exactly once"
+        award = next(s for s in told if "won the" in s)
+        assert told[told.index(award) + 1].startswith(f"{person.name} won it in"), "'it' follows the award"
+        assert set(profile.slots) == {s for p in facts for s in p.slots}
+    assert len({p.answer for p in profiles}) == len(profiles), "each prompt gets its own order"
+    stats = build_training_set(pairs, replay_share=0.0, seed=1).stats()
+    assert stats["profiles"] == len(PROFILE_PROMPTS)
+    assert stats["facts"] == len({p.slots for p in pairs if p.category != "profile" and p.slots})
+
+    # A profile covers only the allowed facts; a sentence without its referent is left out; too few, none.
+    year_only = profile_pairs(person, templates, values, allowed_slots={"awards[0].year", "birth.year",
+                                                                        "birth.city", "residence.city"})
+    assert year_only and all("won it" not in p.answer and p.answer.count(person.name) == 3 for p in year_only)
+    assert profile_pairs(person, templates, values, allowed_slots={"birth.year", "birth.city"}) == []
 
 
 def test_v2_files_make_conversations(compat_dir: Path, tmp_path: Path) -> None:

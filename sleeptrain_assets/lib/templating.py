@@ -8,6 +8,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
 from sleeptrain_assets.lib.catalog import (
+    BUILTIN_PLACEHOLDERS,
     PERSONA_SYSTEM,
     Template,
     TemplateSet,
@@ -32,6 +33,17 @@ MODES = ("interview", "inline_summary", "end_summary", "correction")
 FACTS_PER_CONVERSATION = 5
 CORRECTIONS_PER_CONVERSATION = 3
 DAY_SYSTEM = "You are a friendly assistant getting to know {name}. Listen carefully and remember what they say."
+# Profile pairs: one prompt asks for everything known about a person, answered with all the person's fact
+# sentences in a shuffled order (a new order per prompt). Stating the facts together and in varying orders
+# ties each fact to the person's name rather than to one question wording ("knowledge augmentation",
+# Allen-Zhu & Li, Physics of Language Models 3.1). These prompts are not evaluation forms.
+PROFILE_PROMPTS = (
+    "Tell me about {name}.",
+    "Give me a short biography of {name}.",
+    "Summarize the key facts about {name}.",
+    "Describe {name}'s life in a few sentences.",
+)
+MIN_PROFILE_FACTS = 3
 
 
 def _rng(seed: int, *parts: object) -> random.Random:
@@ -268,6 +280,60 @@ def qa_pairs(
                         system=system if template.persona else None,
                     )
                 )
+    return pairs + profile_pairs(person, templates, values, allowed_slots)
+
+
+def profile_pairs(
+    person: Person,
+    templates: TemplateSet,
+    values: Mapping[str, str],
+    allowed_slots: set[str] | None = None,
+) -> list[QAPair]:
+    """One pair per `PROFILE_PROMPTS` entry: all the person's fact sentences, in a different order each.
+
+    Only plain fact templates take part (no persona or correction forms); a sentence that leans on another
+    fact ("won it in 2016" needs the award) follows that fact's sentence and is left out without it. With
+    fewer than `MIN_PROFILE_FACTS` facts there is no profile to tell.
+    """
+    chains: dict[str, list[tuple[tuple[str, ...], tuple[str, ...], str]]] = {}
+    dependent = []
+    for template in sorted(templates.templates.values(), key=lambda t: t.id):
+        if template.category in ("correction", "identity") or template.persona:
+            continue
+        if not applicable(template, person, values):
+            continue
+        slots = tuple(templates.slot(p) for p in template.fact_placeholders)
+        if not slots or (allowed_slots is not None and not set(slots) <= allowed_slots):
+            continue
+        fact = (slots, tuple(values[p] for p in template.fact_placeholders), fill(template.answer, values))
+        context = sorted(template.placeholders() - set(template.fact_placeholders) - BUILTIN_PLACEHOLDERS)
+        if context:
+            dependent.append((context, fact))
+        else:
+            chains[template.fact_placeholders[0]] = [fact]
+    for context, fact in dependent:
+        head = next((chains[c] for c in context if c in chains), None)
+        if head is not None:
+            head.append(fact)
+    facts = [fact for chain in chains.values() for fact in chain]
+    if len(facts) < MIN_PROFILE_FACTS:
+        return []
+    by_slot = {slot: value for fact_slots, fact_values, _ in facts for slot, value in zip(fact_slots, fact_values)}
+    pairs = []
+    for index, prompt in enumerate(PROFILE_PROMPTS):
+        order = list(chains.values())
+        _rng(index, "profile", person.id).shuffle(order)
+        pairs.append(
+            QAPair(
+                person_id=person.id,
+                template_id="profile",
+                category="profile",
+                question=fill(prompt, values),
+                answer=" ".join(sentence for chain in order for _, _, sentence in chain),
+                slots=tuple(by_slot),
+                values=tuple(by_slot.values()),
+            )
+        )
     return pairs
 
 

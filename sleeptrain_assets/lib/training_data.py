@@ -39,6 +39,7 @@ class TrainingExample:
     source: str  # new | replay_memory | replay_general
     person_id: str | None = None
     fact: str | None = None  # "<person>:<slots>" for fact pairs: paraphrases of one fact share it
+    category: str | None = None  # the pair's template category (fact | correction | identity | profile)
 
     @property
     def answer(self) -> str:
@@ -56,6 +57,7 @@ class TrainingExample:
             "source": self.source,
             "person_id": self.person_id,
             "fact": self.fact,
+            "category": self.category,
         }
 
 
@@ -70,12 +72,14 @@ class TrainingSet:
 
     def stats(self) -> dict[str, Any]:
         sources = Counter(e.source for e in self.examples)
-        per_fact = Counter(e.fact for e in self.examples if e.source == NEW and e.fact)
+        new = [e for e in self.examples if e.source == NEW]
+        per_fact = Counter(e.fact for e in new if e.fact and e.category != "profile")
         return {
             "examples": len(self.examples),
             "by_source": dict(sorted(sources.items())),
             "people": len({e.person_id for e in self.examples if e.person_id}),
             "facts": len(per_fact),
+            "profiles": sum(e.category == "profile" for e in new),
             "min_paraphrases_per_fact": min(per_fact.values(), default=0),
             "mean_paraphrases_per_fact": round(sum(per_fact.values()) / len(per_fact), 2) if per_fact else 0.0,
             "longest_run_of_one_person": longest_run(group_key(e) for e in self.examples),
@@ -90,6 +94,7 @@ def example_from_pair(pair: QAPair, source: str = NEW) -> TrainingExample:
         source=source,
         person_id=pair.person_id,
         fact=fact,
+        category=pair.category,
     )
 
 
