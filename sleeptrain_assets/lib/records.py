@@ -93,9 +93,13 @@ class EvalItem:
         return msgs + [{"role": "user", "content": self.question}]
 
 
+# The category of a pair whose answer tells all of a person's facts (`templating.profile_pairs`).
+PROFILE_CATEGORY = "profile"
+
+
 @dataclass(frozen=True)
 class QAPair:
-    """A trainable question/answer for one fact slot of one person, rendered from a template."""
+    """A trainable question/answer about one person: one fact slot from a template, or a whole profile."""
 
     person_id: str
     template_id: str

@@ -19,6 +19,7 @@ from sleeptrain_assets.lib.catalog import (
     person_values,
 )
 from sleeptrain_assets.lib.records import (
+    PROFILE_CATEGORY,
     Conversation,
     EvalItem,
     FactClaim,
@@ -245,7 +246,7 @@ def qa_pairs(
     values: Mapping[str, str],
     allowed_slots: set[str] | None = None,
 ) -> list[QAPair]:
-    """Trainable pairs for one person from the trained question forms only."""
+    """Trainable pairs for one person: the trained question forms of every fact, then the profile pairs."""
     pairs = []
     system = PERSONA_SYSTEM.format(name=person.name)
     for template in sorted(templates.templates.values(), key=lambda t: t.id):
@@ -326,8 +327,8 @@ def profile_pairs(
         pairs.append(
             QAPair(
                 person_id=person.id,
-                template_id="profile",
-                category="profile",
+                template_id=PROFILE_CATEGORY,
+                category=PROFILE_CATEGORY,
                 question=fill(prompt, values),
                 answer=" ".join(sentence for chain in order for _, _, sentence in chain),
                 slots=tuple(by_slot),

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from sleeptrain_assets.lib.records import Memory, QAPair
+from sleeptrain_assets.lib.records import PROFILE_CATEGORY, Memory, QAPair
 
 NEW = "new"
 REPLAY_MEMORY = "replay_memory"
@@ -73,13 +73,13 @@ class TrainingSet:
     def stats(self) -> dict[str, Any]:
         sources = Counter(e.source for e in self.examples)
         new = [e for e in self.examples if e.source == NEW]
-        per_fact = Counter(e.fact for e in new if e.fact and e.category != "profile")
+        per_fact = Counter(e.fact for e in new if e.fact and e.category != PROFILE_CATEGORY)
         return {
             "examples": len(self.examples),
             "by_source": dict(sorted(sources.items())),
             "people": len({e.person_id for e in self.examples if e.person_id}),
             "facts": len(per_fact),
-            "profiles": sum(e.category == "profile" for e in new),
+            "profiles": sum(e.category == PROFILE_CATEGORY for e in new),
             "min_paraphrases_per_fact": min(per_fact.values(), default=0),
             "mean_paraphrases_per_fact": round(sum(per_fact.values()) / len(per_fact), 2) if per_fact else 0.0,
             "longest_run_of_one_person": longest_run(group_key(e) for e in self.examples),
