@@ -128,7 +128,16 @@ def converted_default_model(models_root: Path | None = None) -> Path:
 
 
 def physical_cores() -> int:
-    """Physical cores this process may use (hyperthreads slow matmul-bound training down)."""
+    """Physical cores this process may use (hyperthreads slow matmul-bound training down).
+
+    ``SLEEPTRAIN_THREADS`` overrides it: two torch processes on one small machine (a run beside the tests)
+    each taking every core slow each other far more than twice.
+    """
+    override = os.environ.get("SLEEPTRAIN_THREADS", "").strip()
+    if override:
+        if not override.isdigit() or int(override) < 1:
+            raise ValueError(f"SLEEPTRAIN_THREADS={override!r} must be a positive whole number of threads")
+        return int(override)
     try:
         allowed = len(os.sched_getaffinity(0))
     except AttributeError:
