@@ -70,8 +70,14 @@ class EvalItem:
     """A held-out question; it never enters training.
 
     kind: recall (held-out question form of a trained fact), paraphrase (a wording never trained),
-    correction (a wrong claim to deny), identity (who-are-you, persona), multi_turn (one turn of a
-    6-turn probe), locality, interference, hallucination.
+    correction (a wrong claim to deny), confirmation (a true claim to confirm: the control beside each
+    correction), identity (who-are-you, persona), multi_turn (one turn of a 6-turn probe), locality
+    (general questions the base model answers right), unchanged (the adapter's answer says what the base
+    model's does), neighbourhood (facts of people never taught), interference, hallucination.
+    split: ``validation`` (choosing defaults, early stopping, promotion gates) or ``test`` (reported only).
+    competing_values: wrong values of the item's slot (other people's values, the person's listed wrong
+    values); an answer that states one fails. other_values: the person's values of other slots; a keyword hit
+    that lies only inside one of them ("Leuven" in "KU Leuven") is no evidence.
     """
 
     id: str
@@ -87,6 +93,9 @@ class EvalItem:
     wrong_value: str | None = None
     system: str | None = None  # persona system prompt ("You are X.") for first-person items
     group: str | None = None  # items sharing a group are asked as one multi-turn conversation
+    split: str = "test"
+    competing_values: tuple[str, ...] = ()
+    other_values: tuple[str, ...] = ()
 
     def messages(self) -> list[dict[str, str]]:
         msgs = [{"role": "system", "content": self.system}] if self.system else []
