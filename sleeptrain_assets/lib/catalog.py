@@ -20,6 +20,9 @@ CATEGORIES = ("fact", "correction", "identity")
 # Placeholders filled from the person or the correction pair rather than from an extractor.
 BUILTIN_PLACEHOLDERS = {"name", "wrong_value", "correct_value"}
 PERSONA_SYSTEM = "You are {name}."
+# Held-out question forms are split in two: validation forms choose defaults, stop training early and gate
+# promotions; test forms are only reported, so no choice is ever tuned on the numbers we publish.
+SPLITS = ("validation", "test")
 
 
 class CatalogError(ValueError):
@@ -156,11 +159,21 @@ class Template:
     wrong_key: str | None = None
     correct_key: str | None = None
     fact_placeholders: tuple[str, ...] = ()
+    # Held-out forms (eval, paraphrase, control) listed here are test forms; the others are validation forms.
+    test_forms: tuple[str, ...] = ()
+    # Correction templates: true claims ("Was {name} born in {correct_value}?") the model must confirm.
+    control_questions: tuple[str, ...] = ()
+    control_answer: str = ""
 
     def placeholders(self) -> set[str]:
         texts = [*self.questions, *self.eval_questions, *self.paraphrase_questions, *self.interview_prompts]
-        texts += [self.statement, self.answer, *self.keywords]
+        texts += [self.statement, self.answer, *self.keywords, *self.control_questions]
+        texts += [self.control_answer] if self.control_answer else []
         return {m for t in texts for m in PLACEHOLDER.findall(t)}
+
+    def split_of(self, form: str) -> str:
+        """`test` for a test form, else `validation`."""
+        return "test" if form in self.test_forms else "validation"
 
 
 @dataclass(frozen=True)
@@ -192,6 +205,29 @@ def _str_list(path: Path, tid: str, key: str, value: Any, required: bool) -> tup
     return tuple(v.strip() for v in value)
 
 
+def _split_forms(path: Path, tid: str, key: str, value: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(all forms, test forms) of a held-out list.
+
+    ``{validation: [...], test: [...]}`` names the split of each form. A plain list (the v2 format, older
+    files) alternates: first validation, second test, ...; a single form is a test form, so a reported figure
+    never rests on a form that was used for choosing.
+    """
+    if isinstance(value, Mapping):
+        unknown = sorted(set(map(str, value)) - set(SPLITS))
+        if unknown:
+            raise CatalogError(path, tid, key, f"splits must be {SPLITS}, got {unknown}")
+        validation = _str_list(path, tid, f"{key}.validation", value.get("validation"), required=False)
+        test = _str_list(path, tid, f"{key}.test", value.get("test"), required=False)
+        both = set(validation) & set(test)
+        if both:
+            raise CatalogError(path, tid, key, f"forms in both validation and test: {sorted(both)}")
+        return validation + test, test
+    forms = _str_list(path, tid, key, value, required=False)
+    if len(forms) == 1:
+        return forms, forms
+    return forms, forms[1::2]
+
+
 def _template(path: Path, tid: str, spec: Any, v2_file: bool) -> Template:
     if not isinstance(spec, Mapping):
         raise CatalogError(path, tid, None, "a template must be a mapping")
@@ -202,17 +238,28 @@ def _template(path: Path, tid: str, spec: Any, v2_file: bool) -> Template:
     category = spec.get("category", "fact")
     if category not in CATEGORIES:
         raise CatalogError(path, tid, "category", f"must be one of {CATEGORIES}, got {category!r}")
-    eval_q = _str_list(path, tid, "eval_questions", spec.get("eval_questions"), required=False)
-    para_q = _str_list(path, tid, "paraphrase_questions", spec.get("paraphrase_questions"), required=False)
+    eval_q, eval_test = _split_forms(path, tid, "eval_questions", spec.get("eval_questions"))
+    para_q, para_test = _split_forms(path, tid, "paraphrase_questions", spec.get("paraphrase_questions"))
+    control_q, control_test = _split_forms(path, tid, "control_questions", spec.get("control_questions"))
     if v2_file and not eval_q and not para_q:
         # v2 templates have no held-out forms: keep at least two trained forms, hold out the rest.
         if len(questions) >= 4:
             questions, eval_q, para_q = questions[:-2], (questions[-2],), (questions[-1],)
         elif len(questions) == 3:
             questions, eval_q = questions[:-1], (questions[-1],)
-    overlap = set(questions) & (set(eval_q) | set(para_q))
+        eval_test, para_test = eval_q, para_q
+    held_out = (*eval_q, *para_q, *control_q)
+    overlap = set(questions) & set(held_out)
     if overlap:
         raise CatalogError(path, tid, "eval_questions", f"held-out forms also trained: {sorted(overlap)}")
+    repeated = sorted({q for q in held_out if held_out.count(q) > 1})
+    if repeated:
+        raise CatalogError(path, tid, "eval_questions", f"held-out forms listed twice: {repeated}")
+    control_answer = spec.get("control_answer", "")
+    if control_q and (not isinstance(control_answer, str) or not control_answer.strip()):
+        raise CatalogError(path, tid, "control_answer", "is missing: control_questions need the confirming answer")
+    if control_q and category != "correction":
+        raise CatalogError(path, tid, "control_questions", "only correction templates have true-claim controls")
     keywords = _str_list(path, tid, "keywords", spec.get("keywords", []), required=False)
     persona = bool(spec.get("persona", v2_file))
     statement = spec.get("statement") or answer
@@ -230,6 +277,9 @@ def _template(path: Path, tid: str, spec: Any, v2_file: bool) -> Template:
         source=str(path),
         wrong_key=spec.get("wrong_key") or (tid[len("correction_") :] if category == "correction" else None),
         correct_key=spec.get("correct_key") or (tid[len("correction_") :] if category == "correction" else None),
+        test_forms=(*eval_test, *para_test, *control_test),
+        control_questions=control_q,
+        control_answer=str(control_answer or "").strip(),
     )
 
 

@@ -6,10 +6,11 @@ turn-by-turn runner for multi-turn conversations, which keeps the model's own ea
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,10 @@ GENERAL_KNOWLEDGE_FILE = "general_knowledge.yaml"
 UNKNOWN_PEOPLE_FILE = "unknown_people.yaml"
 MULTI_TURN_TURNS = 6
 FACT_KINDS = ("recall", "paraphrase")
+# Kinds scored against the base model's own answer: it must be right there (locality, neighbourhood) or the
+# adapter must say the same (unchanged).
+BASE_REFERENCED_KINDS = ("locality", "unchanged", "neighbourhood")
+HELD_OUT_KINDS = ("recall", "paraphrase", "correction", "confirmation", "identity")
 RETRIEVAL_NOTE = "Facts you remember:\n{facts}\nUse them when they answer the question."
 
 Messages = list[dict[str, str]]
@@ -73,27 +78,46 @@ def _keywords(path: Path, rid: str, record: Mapping[str, Any]) -> tuple[str, ...
     return tuple(out)
 
 
+def split_of_id(item_id: str) -> str:
+    """A fixed half of the benchmark items for validation, the other half for test (by a hash of the id)."""
+    return "validation" if hashlib.sha256(item_id.encode()).digest()[0] % 2 == 0 else "test"
+
+
 def load_locality_items(path: Path) -> list[EvalItem]:
-    """`questions:` (general knowledge) and `other_people:` (people never taught) as locality items."""
+    """Locality three ways from one file.
+
+    `questions:` (general knowledge) -> `locality` items (counted where the base model answers right) and
+    `unchanged` items (the adapter says what the base model says); `open_prompts:` (no single right answer:
+    "Write a haiku about the sea") -> `unchanged` items only; `other_people:` (people never taught) ->
+    `neighbourhood` items. Each item is in the validation or the test split by a hash of its id.
+    """
     items: list[EvalItem] = []
     seen: set[str] = set()
-    for key, category in (("questions", "general"), ("other_people", "other_people")):
+    sections = (("questions", "general", ("locality", "unchanged")), ("other_people", "other_people", ("neighbourhood",)),
+                ("open_prompts", "open", ("unchanged",)))
+    for key, category, kinds in sections:
         for rid, record in _records(path, key, required=key == "questions"):
             if rid in seen:
                 raise CatalogError(path, rid, "id", "is used twice")
             seen.add(rid)
-            items.append(
-                EvalItem(
-                    id=f"locality:{rid}",
-                    kind="locality",
-                    person_id=None,
-                    template_id=f"{path.stem}.{key}",
-                    category=category,
-                    question=_text(path, rid, record, "question"),
-                    expected=_text(path, rid, record, "expected"),
-                    keywords=_keywords(path, rid, record),
+            open_prompt = key == "open_prompts"
+            question = _text(path, rid, record, "question")
+            expected = "" if open_prompt else _text(path, rid, record, "expected")
+            keywords = () if open_prompt else _keywords(path, rid, record)
+            for kind in kinds:
+                items.append(
+                    EvalItem(
+                        id=f"{kind}:{rid}",
+                        kind=kind,
+                        person_id=None,
+                        template_id=f"{path.stem}.{key}",
+                        category=category,
+                        question=question,
+                        expected=expected,
+                        keywords=keywords,
+                        split=split_of_id(rid),
+                    )
                 )
-            )
     return items
 
 
@@ -121,6 +145,7 @@ def load_hallucination_probes(path: Path, people: Mapping[str, Person] | None = 
                 expected="",
                 keywords=(),
                 slot=_text(path, rid, record, "slot"),
+                split=split_of_id(rid),
             )
         )
     return items
@@ -167,22 +192,8 @@ def interference_items(items: Sequence[EvalItem], people: Mapping[str, Person]) 
             theirs = _lookalike_value(people[other], item.slot)
             if theirs is None or not _distinct(item.value, theirs):
                 continue
-            out.append(
-                EvalItem(
-                    id=f"interference:{item.id}:{other}",
-                    kind="interference",
-                    person_id=item.person_id,
-                    template_id=item.template_id,
-                    category=item.category,
-                    question=item.question,
-                    expected=item.expected,
-                    keywords=item.keywords,
-                    slot=item.slot,
-                    value=item.value,
-                    wrong_value=theirs,
-                    system=item.system,
-                )
-            )
+            out.append(replace(item, id=f"interference:{item.id}:{other}", kind="interference", wrong_value=theirs,
+                               competing_values=tuple(dict.fromkeys((*item.competing_values, theirs)))))
     return out
 
 
@@ -210,25 +221,8 @@ def multi_turn_groups(
         pool = max(by_person[pid].values(), key=lambda g: (len({i.slot for i in g}), len(g)))
         chosen = _conversation_plan(pool, turns)
         group_id = f"multi_turn:{pid}"
-        groups.append(
-            [
-                EvalItem(
-                    id=f"{group_id}:{n + 1}",
-                    kind="multi_turn",
-                    person_id=pid,
-                    template_id=src.template_id,
-                    category=src.category,
-                    question=src.question,
-                    expected=src.expected,
-                    keywords=src.keywords,
-                    slot=src.slot,
-                    value=src.value,
-                    system=src.system,
-                    group=group_id,
-                )
-                for n, src in enumerate(chosen)
-            ]
-        )
+        groups.append([replace(src, id=f"{group_id}:{n + 1}", kind="multi_turn", group=group_id)
+                       for n, src in enumerate(chosen)])
     return groups
 
 
@@ -260,6 +254,61 @@ def _conversation_plan(pool: Sequence[EvalItem], turns: int) -> list[EvalItem]:
     rewording = [i for i in pool if i.slot == opener.slot and i.question != opener.question]
     plan.append(rewording[-1] if rewording else opener)
     return plan[:turns]
+
+
+def stratified(items: Sequence[EvalItem], per_slot: int | None,
+               person_rank: Mapping[str, int] | None = None) -> list[EvalItem]:
+    """At most `per_slot` items per (kind, split, slot), people taken in turn: slot j starts `j * per_slot`
+    places further along the people order, so the capped suite still covers every slot AND every person.
+
+    Items about nobody are kept as they are (their kinds are capped by `cap_per_kind`).
+    """
+    if per_slot is None:
+        return list(items)
+    rank = person_rank or {}
+    groups: dict[tuple[str, str], dict[str, dict[str, list[EvalItem]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    kept: list[EvalItem] = []
+    for item in sorted(items, key=lambda i: i.id):
+        if item.person_id is None:
+            kept.append(item)
+        else:  # a template without a fact slot ("Who are you?") is its own stratum
+            groups[(item.kind, item.split)][item.slot or item.template_id][item.person_id].append(item)
+    for by_slot in groups.values():
+        for index, slot in enumerate(sorted(by_slot)):
+            people = sorted(by_slot[slot], key=lambda p: (rank.get(p, 1), p))
+            start = (index * per_slot) % len(people)
+            rotated = people[start:] + people[:start]
+            queues = [by_slot[slot][p] for p in rotated]
+            taken, depth = 0, 0
+            while taken < per_slot and any(depth < len(q) for q in queues):
+                for queue in queues:
+                    if depth < len(queue) and taken < per_slot:
+                        kept.append(queue[depth])
+                        taken += 1
+                depth += 1
+    order = {item.id: n for n, item in enumerate(items)}
+    return sorted(kept, key=lambda i: order[i.id])
+
+
+def cap_per_kind_split(items: Sequence[EvalItem], cap: int | None) -> list[EvalItem]:
+    """At most `cap` items of each (kind, split), taken round-robin across slots (a small profile's suite
+    still spans slots and both splits)."""
+    if cap is None:
+        return list(items)
+    strata: dict[tuple[str, str], dict[str, list[EvalItem]]] = defaultdict(lambda: defaultdict(list))
+    for item in items:
+        strata[(item.kind, item.split)][item.slot or item.template_id].append(item)
+    kept: set[str] = set()
+    for by_slot in strata.values():
+        queues = [by_slot[k] for k in sorted(by_slot)]
+        taken, depth = 0, 0
+        while taken < cap and any(depth < len(q) for q in queues):
+            for queue in queues:
+                if depth < len(queue) and taken < cap:
+                    kept.add(queue[depth].id)
+                    taken += 1
+            depth += 1
+    return [item for item in items if item.id in kept]
 
 
 def cap_per_kind(items: Sequence[EvalItem], cap: int | None, person_rank: Mapping[str, int] | None = None) -> list[EvalItem]:
@@ -381,6 +430,15 @@ class SuitePlan:
         return dict(sorted(counts.items()))
 
 
+def neighbourhood_items(questions: Sequence[EvalItem], people: Mapping[str, Person], taught: set[str]) -> list[EvalItem]:
+    """Recall questions about people never taught whose look-alike was: the adapter must leave them as the
+    base model had them (counted where the base model answers right)."""
+    near = {other for pid in taught if pid in people for other in people[pid].lookalike_of}
+    near |= {p.id for p in people.values() if set(p.lookalike_of) & taught}
+    return [replace(q, id=f"neighbourhood:{q.id}", kind="neighbourhood")
+            for q in questions if q.kind == "recall" and q.person_id in near - taught]
+
+
 def build_plan(
     questions: Sequence[EvalItem],
     people: Mapping[str, Person],
@@ -388,16 +446,32 @@ def build_plan(
     probes: Sequence[EvalItem] = (),
     cap: int | None = None,
     turns: int = MULTI_TURN_TURNS,
+    per_slot: int | None = None,
+    taught: set[str] | None = None,
+    max_conversations: int | None = None,
+    splits: Sequence[str] = ("validation", "test"),
 ) -> SuitePlan:
-    """Held-out questions plus interference, locality and hallucination items, each kind capped at `cap`
-    (fictional people first, since the targets are measured on them); `cap // turns` conversations."""
+    """Held-out questions (at most `per_slot` per kind, split and slot, across all people, and at most `cap` per
+    kind and split) plus interference, locality, unchanged, neighbourhood and hallucination items (at most
+    `cap` of each such kind), and one multi-turn conversation per taught person (at most `max_conversations`)
+    from the test split.
+
+    `taught`: people the adapter learned; held-out questions about anyone else are not asked as recall (an
+    untaught look-alike's become neighbourhood items). None: everyone in `people`.
+    """
+    taught = set(people) if taught is None else set(taught)
     rank = {pid: (0 if p.kind == "fictional" else 1) for pid, p in people.items()}
-    held_out = [q for q in questions if q.kind in ("recall", "paraphrase", "correction", "identity")]
-    single = [*held_out, *interference_items(held_out, people), *locality, *probes]
-    single = cap_per_kind(single, cap, rank)
-    person_order = sorted(people, key=lambda pid: (rank[pid], pid))
-    conversations = None if cap is None else max(1, cap // turns)
-    groups = multi_turn_groups(held_out, turns, conversations, person_order)
+    in_splits = [q for q in questions if q.split in splits]
+    held_out = [q for q in in_splits if q.kind in HELD_OUT_KINDS and q.person_id in taught]
+    held_out = cap_per_kind_split(stratified(held_out, per_slot, rank), cap)
+    others = [*neighbourhood_items(in_splits, people, taught),
+              *(i for i in (*locality, *probes) if i.split in splits)]
+    single = [*held_out, *interference_items(held_out, people), *cap_per_kind(others, cap, rank)]
+    person_order = sorted(taught & set(people), key=lambda pid: (rank[pid], pid))
+    conversation_pool = [q for q in questions if q.split == "test" and q.kind in FACT_KINDS and q.person_id in taught]
+    if "test" not in splits:
+        conversation_pool = [q for q in in_splits if q.kind in FACT_KINDS and q.person_id in taught]
+    groups = multi_turn_groups(conversation_pool, turns, max_conversations, person_order)
     return SuitePlan(tuple(single), tuple(tuple(g) for g in groups))
 
 
@@ -445,7 +519,7 @@ def score_plan(
         scores = []
         for item in plan.single:
             answer = given[item.id]
-            if item.kind == "locality":
+            if item.kind in BASE_REFERENCED_KINDS:
                 base = base_answers.get(item.id)
                 if base is None:
                     raise KeyError(f"locality item {item.id!r} has no {reference!r} answer to compare with")

@@ -71,9 +71,13 @@ class ProfileSettings:
     lora_rank: int = 16
     lora_alpha: int = 32
     replay_share: float = 0.25
-    # evaluation
-    # ~48 items per kind keeps CPU evaluation of three systems (adapter, base, retrieval) near 8 minutes.
-    eval_max_items_per_kind: int | None = 48
+    # evaluation: held-out questions are chosen per kind, split and slot (people in turn, so every slot and every
+    # person is covered); ~480 prompts per system keep CPU evaluation of adapter, base and retrieval near 9 min.
+    eval_items_per_slot: int | None = 4
+    # cap for the kinds about nobody in particular (locality, unchanged, neighbourhood, hallucination); None: all
+    eval_max_items_per_kind: int | None = None
+    # multi-turn: one conversation per taught person, at most this many
+    eval_max_conversations: int | None = None
     max_new_tokens: int = 40
     retrieval_top_k: int = 3
 
@@ -86,7 +90,9 @@ PROFILES: dict[str, ProfileSettings] = {
         train_max_steps=4,
         train_batch_size=4,
         max_seq_len=192,
+        eval_items_per_slot=1,
         eval_max_items_per_kind=6,
+        eval_max_conversations=2,
         max_new_tokens=32,
     ),
 }

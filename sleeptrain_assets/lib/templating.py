@@ -196,8 +196,66 @@ def templated_conversations(
     return interleave(groups, seed)
 
 
+def _norm(text: str) -> str:
+    return " ".join("".join(c if c.isalnum() else " " for c in text.casefold()).split())
+
+
+def _overlaps(a: str, b: str) -> bool:
+    """Whether one value is the other or lies inside it as whole words ("Leuven" / "KU Leuven")."""
+    na, nb = f" {_norm(a)} ", f" {_norm(b)} "
+    return bool(_norm(a)) and bool(_norm(b)) and (na in nb or nb in na)
+
+
+def slot_values(people: Mapping[str, Person], templates: TemplateSet) -> dict[str, dict[str, str]]:
+    """person id -> slot -> value, for every extractor a person can fill."""
+    out: dict[str, dict[str, str]] = {}
+    for person in iter_people_sorted(people):
+        values = person_values(person, templates)
+        out[person.id] = {templates.slot(p): v for p, v in values.items() if p in templates.extractors}
+    return out
+
+
+def competing_values(person: Person, slot: str, value: str, templates: TemplateSet,
+                     by_person: Mapping[str, Mapping[str, str]]) -> tuple[str, ...]:
+    """Wrong values of `slot` for `person`: other people's values of the slot and the person's listed wrong
+    values, less any that equal, contain or lie inside the true value."""
+    found: list[str] = []
+    for other_id, slots in sorted(by_person.items()):
+        if other_id != person.id and slot in slots:
+            found.append(slots[slot])
+    for placeholder, wrongs in sorted(person.wrong_values.items()):
+        if placeholder in templates.extractors and templates.slot(placeholder) == slot:
+            found += [format_value(w) for w in wrongs]
+    own = set(by_person.get(person.id, {}).values())  # her residence is no wrong birth city when she names it
+    kept = []
+    for candidate in found:
+        if not _overlaps(candidate, value) and candidate not in own and candidate not in kept:
+            kept.append(candidate)
+    return tuple(kept)
+
+
+def _fact_group(slot: str) -> str:
+    return slot.split(".")[0].split("[")[0]
+
+
+def other_values(slot: str, value: str, slots: Mapping[str, str]) -> tuple[str, ...]:
+    """The person's values of other slots, less those of the same fact group that hold the value: "March 3,
+    1984" (birth.date) confirms the birth year, while "KU Leuven" (education.school) is no birth city."""
+    return tuple(sorted({
+        v for s, v in slots.items()
+        if s != slot and _norm(v) != _norm(value) and not (_overlaps(v, value) and _fact_group(s) == _fact_group(slot))
+    }))
+
+
 def evaluation_items(people: Mapping[str, Person], templates: TemplateSet) -> list[EvalItem]:
-    """Held-out questions (recall, paraphrase, correction, identity); their forms are never trained."""
+    """Held-out questions, each in the validation or the test split; their forms are never trained.
+
+    Kinds: recall and paraphrase (fact and identity templates), correction (a wrong claim to deny) and
+    confirmation (the same question forms with the true value: a model that always says "No" fails them).
+    Every item carries the slot's competing values (an answer stating one fails) and the person's other values
+    (a keyword found only inside one of them is no evidence).
+    """
+    by_person = slot_values(people, templates)
     items: list[EvalItem] = []
     for person in iter_people_sorted(people):
         values = person_values(person, templates)
@@ -215,12 +273,17 @@ def evaluation_items(people: Mapping[str, Person], templates: TemplateSet) -> li
                 slot_keys = list(template.fact_placeholders)
             slot = templates.slot(slot_keys[0]) if slot_keys else None
             value = local.get(slot_keys[0]) if slot_keys else None
-            kinds = [("paraphrase", q) for q in template.paraphrase_questions]
+            competing = competing_values(person, slot, value, templates, by_person) if slot and value else ()
+            others = other_values(slot, value, by_person.get(person.id, {})) if slot and value else ()
             first_kind = template.category if template.category in ("correction", "identity") else "recall"
-            kinds = [(first_kind, q) for q in template.eval_questions] + (
-                [] if template.category == "correction" else kinds
-            )
-            for n, (kind, question) in enumerate(kinds):
+            forms = [(first_kind, q, template.answer) for q in template.eval_questions]
+            if template.category == "correction":
+                forms += [("confirmation", q, template.control_answer) for q in template.control_questions]
+            else:
+                forms += [("paraphrase", q, template.answer) for q in template.paraphrase_questions]
+            for n, (kind, question, answer) in enumerate(forms):
+                if kind == "correction" and not wrong:
+                    continue  # no reserved wrong value for this person: nothing to deny
                 items.append(
                     EvalItem(
                         id=f"{person.id}:{template.id}:{kind}:{n}",
@@ -229,12 +292,15 @@ def evaluation_items(people: Mapping[str, Person], templates: TemplateSet) -> li
                         template_id=template.id,
                         category=template.category,
                         question=fill(question, local),
-                        expected=fill(template.answer, local),
+                        expected=fill(answer, local),
                         keywords=tuple(fill(k, local) for k in template.keywords),
                         slot=slot,
                         value=value,
-                        wrong_value=wrong,
+                        wrong_value=wrong if kind == "correction" else None,
                         system=system if template.persona else None,
+                        split=template.split_of(question),
+                        competing_values=competing,
+                        other_values=others,
                     )
                 )
     return items
