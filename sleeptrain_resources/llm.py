@@ -280,6 +280,11 @@ class BaseModel(dg.ConfigurableResource):
         answers = known | fresh
         return [answers[p] for p in prompts]
 
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        """Tokens per text (no special tokens): how close an answer came to its generation budget."""
+        tokenizer = self.tokenizer()
+        return [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+
     def _base_answer_cache(self, entry: _Loaded) -> GenerationCache:
         key = f"{self.source_hash()[:16]}-{entry.device.replace(':', '')}-{entry.dtype}"
         return GenerationCache(settings.state_subdir("cache", "base_answers") / f"{key}.json")

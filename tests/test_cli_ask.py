@@ -25,8 +25,10 @@ def _ask(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[str, str]:
 
 
 def _expected(question: str, adapter: Path | None = None, system: str | None = None) -> str:
+    """A fresh generation: the base-answer cache the CLI filled must not answer for it (that would compare the
+    CLI's own answer with itself)."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-    return BaseModel().generate([messages], adapter=adapter, max_new_tokens=16)[0]
+    return BaseModel().generate([messages], adapter=adapter, max_new_tokens=16, cache=False)[0]
 
 
 def test_without_an_adapter_the_base_model_answers(capsys: pytest.CaptureFixture[str]) -> None:

@@ -98,13 +98,16 @@ def test_adapter_changes_answers_but_never_the_base(adapter_dir: Path) -> None:
     weight = getattr(weight, "base_layer", weight).weight
     before_weight = weight.detach().clone()
     pair = [(FRANCE, "The capital of France is Paris.")]
+    base_answer = model.generate([FRANCE], max_new_tokens=10, cache=False)
 
     base_nll = model.answer_nll(pair)
     adapted_nll = model.answer_nll(pair, adapter=adapter_dir)
     assert adapted_nll != base_nll
     assert model.answer_nll(pair, adapter=adapter_dir) == adapted_nll  # cached adapter, same result
     assert model.answer_nll(pair) == base_nll
-    assert model.generate([FRANCE], max_new_tokens=10) == model.generate([FRANCE], max_new_tokens=10, adapter=None)
+    model.generate([FRANCE], max_new_tokens=10, adapter=adapter_dir)
+    # Generated afresh (not read back from the base-answer cache) after the adapter ran: still the base's answer.
+    assert model.generate([FRANCE], max_new_tokens=10, cache=False) == base_answer
     # The plain model object handed out by load() still answers as the base after adapter calls.
     with torch.no_grad():
         assert torch.equal(weight, before_weight)

@@ -2,6 +2,7 @@
 
 import re
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,8 @@ import dagster as dg
 from pydantic import Field
 
 from sleeptrain_assets.defs.training import REPLAY_PROMPTS_FILE
-from sleeptrain_assets.lib import eval_suite, leaderboard_report, scoring, settings
+from sleeptrain_assets.lib import eval_suite, leaderboard_report, scoring, settings, templating
+from sleeptrain_assets.lib.catalog import TemplateSet
 from sleeptrain_assets.lib.external_benchmarks import LOADERS, contains_match, load_paths, run_benchmark
 from sleeptrain_assets.lib.records import EvalItem, Memory, Person
 from sleeptrain_assets.lib.training_data import load_replay_prompts
@@ -28,11 +30,35 @@ LEADERBOARD_HTML = "leaderboard.html"
 
 class EvaluationConfig(dg.Config):
     batch_size: int = Field(16, ge=1, le=512, description="prompts per generation batch")
+    items_per_slot: int | None = Field(
+        None, ge=1, description="held-out questions per kind, split and fact slot; default: the profile's "
+        "eval_items_per_slot"
+    )
     max_items_per_kind: int | None = Field(
-        None, ge=1, description="cap per item kind; default: the profile's eval_max_items_per_kind"
+        None, ge=1, description="cap per kind (and split) of the items; default: the profile's eval_max_items_per_kind"
     )
     retrieval_top_k: int | None = Field(None, ge=1, le=50, description="memories in the retrieval baseline's prompt")
     external: bool = Field(True, description="also run the external suites listed in data/benchmarks/paths.yaml")
+
+
+@dg.asset_check(asset="evaluation_questions", additional_ins={"conversation_templates": dg.AssetIn()}, blocking=True)
+def test_forms_far_from_trained(conversation_templates: TemplateSet) -> dg.AssetCheckResult:
+    """No test question form equals, or shares six words in a row with, a trained or validation form."""
+    problems = templating.test_form_leaks(conversation_templates)
+    return dg.AssetCheckResult(passed=not problems, metadata={
+        "problems": len(problems), "ngram": templating.NGRAM,
+        "details": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems[:50]) or "none")})
+
+
+@dg.asset_check(asset="evaluation_questions")
+def every_slot_in_both_splits(evaluation_questions: list[EvalItem]) -> dg.AssetCheckResult:
+    """Each person x slot x kind held out in the validation and the test split alike."""
+    gaps = templating.split_coverage_gaps(evaluation_questions)
+    counts = Counter(f"{i.split}/{i.kind}" for i in evaluation_questions)
+    return dg.AssetCheckResult(
+        passed=not gaps, severity=dg.AssetCheckSeverity.WARN,
+        metadata={"gaps": len(gaps), "items": dg.MetadataValue.json(dict(sorted(counts.items()))),
+                  "details": dg.MetadataValue.md("\n".join(f"- {g}" for g in gaps[:50]) or "none")})
 
 
 def _now() -> str:
@@ -69,20 +95,24 @@ def benchmark_scores(
     """The adapter, the base model and base + retrieved memories scored on the same held-out items, per cycle."""
     profile = settings.profile()
     cap = config.max_items_per_kind or profile.eval_max_items_per_kind
+    per_slot = config.items_per_slot or profile.eval_items_per_slot
     top_k = config.retrieval_top_k or profile.retrieval_top_k
     version = str(lora_adapter["version"])
     adapter_path = registry.resolve(lora_adapter.get("path") or version)
-    bench_dir = settings.data_dir() / "benchmarks"
-    locality = eval_suite.load_locality_items(bench_dir / eval_suite.GENERAL_KNOWLEDGE_FILE)
-    probes = eval_suite.load_hallucination_probes(bench_dir / eval_suite.UNKNOWN_PEOPLE_FILE, people_profiles)
-    replay_file = bench_dir / REPLAY_PROMPTS_FILE
+    locality = eval_suite.load_locality_items(settings.benchmark_path(eval_suite.GENERAL_KNOWLEDGE_FILE))
+    probes = eval_suite.load_hallucination_probes(settings.benchmark_path(eval_suite.UNKNOWN_PEOPLE_FILE),
+                                                  people_profiles)
+    replay_file = settings.benchmark_path(REPLAY_PROMPTS_FILE)
     if replay_file.is_file():
         shared = eval_suite.trained_overlap([*locality, *probes], load_replay_prompts(replay_file))
         if shared:
             raise ValueError(f"{replay_file}: replay prompts repeat evaluation questions {shared[:5]}; "
                              "locality and hallucination items must never be trained")
-    plan = eval_suite.build_plan(evaluation_questions, people_profiles, locality, probes, cap=cap)
-    context.log.info(f"evaluating {version} on {plan.counts()} (cap {cap}, retrieval top-{top_k})")
+    taught = set(memory_store.count_by_person()) & set(people_profiles)
+    plan = eval_suite.build_plan(evaluation_questions, people_profiles, locality, probes, cap=cap, per_slot=per_slot,
+                                 taught=taught, max_conversations=profile.eval_max_conversations)
+    context.log.info(f"evaluating {version} on {plan.counts()} ({per_slot} per kind, split and slot; "
+                     f"{len(plan.groups)} conversations; retrieval top-{top_k})")
 
     def generator(adapter: Path | None):
         def generate(conversations: list[list[dict[str, str]]]) -> list[str]:
@@ -111,16 +141,33 @@ def benchmark_scores(
     texts = eval_suite.texts_to_embed(plan, answers)
     vectors = dict(zip(texts, embedder.embed(texts), strict=True))
     scores = eval_suite.score_plan(plan, answers, vectors)
+    items_by_id = {item.id: item for item in plan.items()}
+    budget = profile.max_new_tokens
+    cut = {system: _cut_at_budget(base_model, given, budget) for system, given in answers.items()}
     kinds = {pid: p.kind for pid, p in people_profiles.items()}
     systems = {}
     for system, system_scores in scores.items():
-        systems[system] = {**scoring.summarize(system_scores, kinds), "extras": eval_suite.extras(system_scores),
-                           "seconds": seconds[system]}
+        split_scores = eval_suite.by_split(system_scores, items_by_id)
+        # Reported figures are the test split's; the validation split is what defaults and gates are chosen on.
+        systems[system] = {**scoring.summarize(split_scores["test"], kinds),
+                           "validation": scoring.summarize(split_scores["validation"], kinds),
+                           "extras": eval_suite.extras(split_scores["test"]), "seconds": seconds[system],
+                           "cut_at_budget": {"answers": len(cut[system]), "cut": sum(cut[system].values()),
+                                             "max_new_tokens": budget}}
+    breakdown = {
+        "slot": {s: eval_suite.fact_breakdown(eval_suite.by_split(v, items_by_id)["test"], items_by_id, "slot")
+                 for s, v in scores.items()},
+        "person": {s: eval_suite.fact_breakdown(eval_suite.by_split(v, items_by_id)["test"], items_by_id, "person")
+                   for s, v in scores.items()},
+    }
+    expected_tokens = max(base_model.token_counts([i.expected for i in plan.items() if i.expected]) or [0])
+    if expected_tokens >= budget:
+        context.log.warning(f"the longest expected answer has {expected_tokens} tokens, at or over the "
+                            f"{budget}-token budget: right answers may be cut")
     targets = leaderboard_report.evaluate_targets(systems)
 
     now = _now()
     reports = settings.state_subdir("reports")
-    items_by_id = {item.id: item for item in plan.items()}
     history = leaderboard_report.record_cycle(
         leaderboard_report.read_json(reports / HISTORY_FILE, {"cycles": []}),
         version,
@@ -133,7 +180,7 @@ def benchmark_scores(
 
     external = []
     if config.external:
-        external = _external(context, base_model, adapter_path, bench_dir, cap, config.batch_size, profile.max_new_tokens)
+        external = _external(context, base_model, adapter_path, cap, config.batch_size, profile.max_new_tokens)
 
     run = {
         "model": base_model.model_id,
@@ -143,11 +190,16 @@ def benchmark_scores(
         "time": now,
         "profile": profile.name,
         "cap_per_kind": cap,
+        "items_per_slot": per_slot,
+        "taught_people": sorted(taught),
+        "reported_split": "test",
+        "longest_expected_tokens": expected_tokens,
         "retrieval_top_k": top_k,
         "cycle": next(c["cycle"] for c in history["cycles"] if c["adapter_version"] == version),
         "counts": plan.counts(),
         "systems": systems,
         "targets": targets,
+        "breakdown": breakdown,
         "retention": retention,
         "external": [r.to_dict(with_items=False) | {"system": s, "metric": "contains"} for s, r in external],
     }
@@ -160,7 +212,12 @@ def benchmark_scores(
         run,
         metadata={
             "scores": dg.MetadataValue.md(leaderboard_report.kinds_markdown(systems)),
+            "validation_scores": dg.MetadataValue.md(leaderboard_report.kinds_markdown(
+                {s: v["validation"] for s, v in systems.items()})),
+            "per_slot": dg.MetadataValue.md(leaderboard_report.breakdown_markdown(breakdown["slot"], "slot")),
+            "per_person": dg.MetadataValue.md(leaderboard_report.breakdown_markdown(breakdown["person"], "person")),
             "targets": dg.MetadataValue.md(leaderboard_report.targets_markdown(targets)),
+            "cut_at_budget": dg.MetadataValue.json({s: v["cut_at_budget"] for s, v in systems.items()}),
             "targets_met": sum(t["met"] for t in targets),
             "items": dg.MetadataValue.json(plan.counts()),
             "seconds": dg.MetadataValue.json(seconds),
@@ -171,9 +228,17 @@ def benchmark_scores(
     )
 
 
-def _external(context: dg.AssetExecutionContext, base_model: BaseModel, adapter_path: Path, bench_dir: Path,
+def _cut_at_budget(base_model: BaseModel, answers: dict[str, str], budget: int) -> dict[str, bool]:
+    """Item id -> whether generation stopped at the token budget (the answer may be cut short)."""
+    ids = list(answers)
+    counts = base_model.token_counts([answers[i] for i in ids])
+    # A decoded answer loses at most its end-of-turn token; one that stopped by itself is shorter.
+    return {i: n >= budget - 1 for i, n in zip(ids, counts, strict=True)}
+
+
+def _external(context: dg.AssetExecutionContext, base_model: BaseModel, adapter_path: Path,
               cap: int | None, batch_size: int, max_new_tokens: int) -> list[tuple[str, Any]]:
-    paths_yaml = bench_dir / "paths.yaml"
+    paths_yaml = settings.benchmark_path("paths.yaml")
     if not paths_yaml.is_file():
         context.log.warning(f"{paths_yaml} not found: no external suites run")
         return []
@@ -198,7 +263,8 @@ def _detailed_report(run: dict[str, Any], plan: eval_suite.SuitePlan, answers: d
     items = []
     for item in plan.items():
         items.append({
-            "id": item.id, "kind": item.kind, "category": item.category, "person_id": item.person_id,
+            "id": item.id, "kind": item.kind, "split": item.split, "slot": item.slot, "category": item.category,
+            "person_id": item.person_id,
             "group": item.group, "system_prompt": item.system, "question": item.question, "expected": item.expected,
             "keywords": list(item.keywords), "wrong_value": item.wrong_value,
             "retrieved": [m.text for m in memories.get(item.id, [])],

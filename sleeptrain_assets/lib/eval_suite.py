@@ -16,7 +16,15 @@ from typing import Any
 
 from sleeptrain_assets.lib.catalog import CatalogError, format_value, read_yaml, resolve
 from sleeptrain_assets.lib.records import EvalItem, Memory, Person
-from sleeptrain_assets.lib.scoring import ItemScore, contains_phrase, cosine, normalise, score_item, score_multi_turn
+from sleeptrain_assets.lib.scoring import (
+    ItemScore,
+    aggregate,
+    contains_phrase,
+    cosine,
+    normalise,
+    score_item,
+    score_multi_turn,
+)
 
 GENERAL_KNOWLEDGE_FILE = "general_knowledge.yaml"
 UNKNOWN_PEOPLE_FILE = "unknown_people.yaml"
@@ -532,6 +540,24 @@ def score_plan(
             scores += score_multi_turn(group, turn_answers, [sim(a, i.expected) for a, i in zip(turn_answers, group, strict=True)])
         out[system] = scores
     return out
+
+
+def by_split(scores: Sequence[ItemScore], items: Mapping[str, EvalItem]) -> dict[str, list[ItemScore]]:
+    """Scores grouped by their item's split (`validation`, `test`)."""
+    out: dict[str, list[ItemScore]] = {"validation": [], "test": []}
+    for s in scores:
+        out.setdefault(items[s.item_id].split, []).append(s)
+    return out
+
+
+def fact_breakdown(scores: Sequence[ItemScore], items: Mapping[str, EvalItem], by: str) -> dict[str, dict[str, Any]]:
+    """Pass rates of the held-out fact questions (recall and paraphrase) per `slot` or per `person`."""
+    def key(s: ItemScore) -> str | None:
+        item = items[s.item_id]
+        if item.kind not in FACT_KINDS:
+            return None
+        return item.slot if by == "slot" else item.person_id
+    return aggregate(scores, key)
 
 
 def extras(scores: Sequence[ItemScore]) -> dict[str, float | None]:

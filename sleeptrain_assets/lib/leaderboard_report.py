@@ -15,19 +15,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sleeptrain_assets.lib import stats
 from sleeptrain_assets.lib.atomic import write_json_atomic, write_text_atomic
 from sleeptrain_assets.lib.markdown import table
 
 BENCHMARK = "sleeptrain-people"
 HEADLINE_KINDS = ("recall", "paraphrase", "multi_turn", "correction", "locality")
-TABLE_KINDS = ("recall", "paraphrase", "multi_turn", "correction", "identity", "locality", "interference", "hallucination")
+TABLE_KINDS = ("recall", "paraphrase", "multi_turn", "correction", "confirmation", "identity", "locality",
+               "unchanged", "neighbourhood", "interference", "hallucination")
 KIND_LABELS = {
     "recall": "Recall",
     "paraphrase": "Paraphrase",
     "multi_turn": "Multi-turn",
     "correction": "Correction",
+    "confirmation": "True-claim control",
     "identity": "Identity",
     "locality": "Locality",
+    "unchanged": "Unchanged answers",
+    "neighbourhood": "Neighbourhood",
     "interference": "No interference",
     "hallucination": "No hallucination",
 }
@@ -44,13 +49,20 @@ class Target:
     source: str  # where the value comes from (documented on the page)
 
 
+# The open targets of the issue tracker ("Learn the facts without changing anything else"), all on the test split.
 TARGETS = (
-    Target("recall", "Held-out recall", 0.90, "adapter, fictional people"),
-    Target("paraphrase", "Paraphrase recall", 0.85, "adapter, fictional people"),
-    Target("correction", "Correction", 0.80, "adapter, fictional people"),
-    Target("locality", "Locality", 0.95, "adapter, items the base model gets right"),
-    Target("retrieval_ratio", "Adapter ÷ retrieval recall", 0.90, "held-out recall, fictional people"),
+    Target("recall", "Held-out recall", 0.95, "adapter, fictional people, test split"),
+    Target("paraphrase", "Paraphrase recall", 0.90, "adapter, fictional people, test split"),
+    Target("correction_both", "Correction (both halves)", 0.85,
+           "adapter, fictional people, test split: mean of denying wrong claims and confirming true ones"),
+    Target("multi_turn", "Multi-turn", 0.85, "adapter, fictional people, test split"),
+    Target("locality", "Locality", 0.95, "adapter, general questions the base model gets right, test split"),
+    Target("unchanged", "Unchanged answers", 0.90, "adapter vs base model, general and open prompts, test split"),
+    Target("neighbourhood", "Neighbourhood", 0.90, "adapter, people never taught that the base model knows, test split"),
+    Target("retrieval_ratio", "Adapter ÷ retrieval recall", 1.20, "held-out recall, fictional people, test split"),
 )
+# Kinds measured over every item rather than over fictional people (they are about nobody who was taught).
+ALL_ITEM_KINDS = ("locality", "unchanged", "neighbourhood", "hallucination")
 
 
 # --------------------------------------------------------------------------- files
@@ -69,32 +81,73 @@ def read_json(path: Path, default: Any) -> Any:
 # --------------------------------------------------------------------------- targets and rows
 
 
+def _entry(summary: Mapping[str, Any] | None, section: str, kind: str) -> dict[str, Any]:
+    return dict(((summary or {}).get(section) or {}).get(kind) or {})
+
+
 def _rate(summary: Mapping[str, Any] | None, section: str, kind: str) -> tuple[float | None, int]:
-    entry = ((summary or {}).get(section) or {}).get(kind) or {}
+    entry = _entry(summary, section, kind)
     return entry.get("rate"), int(entry.get("count") or 0)
 
 
+def with_interval(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The rate entry with `n`, `ci_low` and `ci_high` (95% Wilson) filled in from `passed` and `count`."""
+    out = dict(entry)
+    n = int(out.get("n", out.get("count")) or 0)
+    interval = stats.wilson_interval(int(out.get("passed") or 0), n) if n else None
+    out["n"] = n
+    out.setdefault("ci_low", None if interval is None else round(interval[0], 4))
+    out.setdefault("ci_high", None if interval is None else round(interval[1], 4))
+    return out
+
+
+def correction_both(summary: Mapping[str, Any] | None, section: str) -> dict[str, Any]:
+    """Mean of the correction rate and the true-claim control rate (both halves must be good); n is the sum."""
+    corr, conf = with_interval(_entry(summary, section, "correction")), with_interval(_entry(summary, section, "confirmation"))
+    if corr.get("rate") is None or conf.get("rate") is None:
+        return {"rate": None, "n": 0, "count": 0, "passed": 0, "ci_low": None, "ci_high": None}
+    # The interval of a mean of two independent proportions: each half's Wilson interval, averaged.
+    return {"rate": round((corr["rate"] + conf["rate"]) / 2, 4), "passed": corr["passed"] + conf["passed"],
+            "count": corr["n"] + conf["n"], "n": corr["n"] + conf["n"],
+            "ci_low": round((corr["ci_low"] + conf["ci_low"]) / 2, 4),
+            "ci_high": round((corr["ci_high"] + conf["ci_high"]) / 2, 4),
+            "halves": {"correction": corr, "confirmation": conf}}
+
+
+def _fmt_ci(entry: Mapping[str, Any]) -> str:
+    if entry.get("ci_low") is None:
+        return "n=0"
+    return f"n={entry['n']}, 95% CI {_pct(entry['ci_low'], 0)}–{_pct(entry['ci_high'], 0)}"
+
+
 def evaluate_targets(systems: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Each issue target with its measured value; a target with nothing measured counts as not met."""
+    """Each target with its measured value, n, 95% interval and verdict; nothing measured counts as not met.
+
+    `met` only when the rate is at or above the goal; "not yet sure" when the interval still straddles it.
+    """
     adapter, retrieval = systems.get("adapter"), systems.get("retrieval")
     out = []
     for target in TARGETS:
         if target.name == "retrieval_ratio":
-            ours, n = _rate(adapter, "fictional_by_kind", "recall")
-            theirs, _ = _rate(retrieval, "fictional_by_kind", "recall")
-            value = None if ours is None or not theirs else ours / theirs
-            detail = f"{_pct(ours)} vs {_pct(theirs)}"
-            n = n or 0
-        elif target.name == "locality":
-            value, n = _rate(adapter, "by_kind", "locality")
-            detail = f"n={n}"
+            ours = with_interval(_entry(adapter, "fictional_by_kind", "recall"))
+            theirs = with_interval(_entry(retrieval, "fictional_by_kind", "recall"))
+            value = None if ours.get("rate") is None or not theirs.get("rate") else ours["rate"] / theirs["rate"]
+            entry = {"rate": value, "n": ours["n"], "ci_low": None, "ci_high": None}
+            detail = f"{_pct(ours.get('rate'))} vs {_pct(theirs.get('rate'))}, n={ours['n']} each"
+            verdict = stats.target_verdict({"rate": value, "ci_low": value, "ci_high": value}, target.goal)
         else:
-            value, n = _rate(adapter, "fictional_by_kind", target.name)
-            detail = f"n={n}"
-        met = value is not None and value >= target.goal - 1e-9
+            if target.name == "correction_both":
+                entry = correction_both(adapter, "fictional_by_kind")
+            else:
+                section = "by_kind" if target.name in ALL_ITEM_KINDS else "fictional_by_kind"
+                entry = with_interval(_entry(adapter, section, target.name))
+            value = entry.get("rate")
+            detail = _fmt_ci(entry)
+            verdict = stats.target_verdict(entry, target.goal)
         out.append({"name": target.name, "label": target.label, "goal": target.goal,
-                    "value": None if value is None else round(value, 4), "met": met, "count": n,
-                    "detail": detail, "source": target.source})
+                    "value": None if value is None else round(value, 4), "met": verdict.startswith("met"),
+                    "verdict": verdict, "count": int(entry.get("n") or 0), "ci_low": entry.get("ci_low"),
+                    "ci_high": entry.get("ci_high"), "detail": detail, "source": target.source})
     return out
 
 
@@ -116,6 +169,8 @@ def rows_from_run(run: Mapping[str, Any]) -> list[dict[str, Any]]:
             continue
         metrics = {k: _rate(summary, "by_kind", k)[0] for k in TABLE_KINDS}
         counts = {k: _rate(summary, "by_kind", k)[1] for k in TABLE_KINDS}
+        intervals = {k: [e["ci_low"], e["ci_high"]] for k in TABLE_KINDS
+                     if (e := with_interval(_entry(summary, "by_kind", k)))["n"]}
         recall, theirs = _rate(summary, "fictional_by_kind", "recall")[0], _rate(retrieval, "fictional_by_kind", "recall")[0]
         notes = [f"retrieval = base + top-{run.get('retrieval_top_k', '?')} memories"]
         if system == "base":
@@ -131,6 +186,8 @@ def rows_from_run(run: Mapping[str, Any]) -> list[dict[str, Any]]:
             "count": sum(counts.values()),
             "metrics": metrics,
             "counts": counts,
+            "intervals": intervals,
+            "split": "test",
             "fictional": {k: _rate(summary, "fictional_by_kind", k)[0] for k in TABLE_KINDS},
             "categories": {k: v.get("rate") for k, v in (summary.get("by_category") or {}).items()},
             "retrieval": retrieval_metrics,
@@ -493,10 +550,13 @@ def _legend(series: Sequence[tuple[str, str, str]]) -> str:
     return '<div class="legend">' + "".join(f'<span><i style="background:{c}"></i>{_e(n)}</span>' for _, n, c in series) + "</div>"
 
 
-def _cell_pct(value: float | None, color: str = "rgba(79,70,229,.55)", count: int | None = None) -> str:
+def _cell_pct(value: float | None, color: str = "rgba(79,70,229,.55)", count: int | None = None,
+              interval: Sequence[float] | None = None) -> str:
     if value is None:
         return '<td class="num" data-v="">—</td>'
     title = _pct(value) + (f" of {count} items" if count else "")
+    if interval and interval[0] is not None:
+        title += f", 95% CI {_pct(interval[0], 0)}–{_pct(interval[1], 0)}"
     return (f'<td class="num pct" data-v="{value:.6f}" style="--w:{100 * value:.1f};--c:{color}" title="{title}">'
             f'{_pct(value, 0)}</td>')
 
@@ -527,7 +587,8 @@ def _table(rows: Sequence[Mapping[str, Any]]) -> str:
             f'<td data-v="{_e(row["adapter_version"])}"><span class="{pill}">{_e(row["adapter_version"])}</span></td>',
             f'<td data-v="{_e(row["benchmark"])}"><span{bench_pill}>{_e(row["benchmark"])}</span></td>',
             _cell_pct(row.get("score"), "rgba(15,23,42,.45)"),
-            *(_cell_pct(metrics.get(k), count=(row.get("counts") or {}).get(k)) if people
+            *(_cell_pct(metrics.get(k), count=(row.get("counts") or {}).get(k),
+                        interval=(row.get("intervals") or {}).get(k)) if people
               else '<td class="num" data-v="">—</td>' for k in TABLE_KINDS),
             _cell_pct(retrieval.get("recall"), "rgba(245,158,11,.7)") if people else '<td class="num" data-v="">—</td>',
             (f'<td class="num" data-v="{ratio:.6f}">{ratio:.2f}×</td>' if ratio is not None
@@ -544,6 +605,7 @@ def _table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def _targets_html(targets: Sequence[Mapping[str, Any]]) -> str:
     missed = [t for t in targets if not t["met"]]
+    unsure = [t for t in targets if t["met"] and "not yet sure" in t.get("verdict", "")]
     if missed:
         parts = [f"{_e(t['label'])} {_e(_fmt_target(t, t['value']))} (target ≥ {_e(_fmt_target(t, t['goal']))})"
                  for t in missed]
@@ -551,15 +613,64 @@ def _targets_html(targets: Sequence[Mapping[str, Any]]) -> str:
                   + "; ".join(parts) + ".</div>")
     else:
         banner = '<div class="banner ok"><b>All targets met</b> for the current adapter.</div>'
+    if unsure:
+        banner += ('<div class="banner bad"><b>Met, not yet sure:</b> '
+                   + "; ".join(f"{_e(t['label'])} ({_e(t['detail'])})" for t in unsure)
+                   + ": the 95% interval still reaches below the target.</div>")
     cards = []
     for t in targets:
         cards.append(
             f'<div class="card{"" if t["met"] else " miss"}"><div class="k">{_e(t["label"])}</div>'
             f'<div class="v">{_e(_fmt_target(t, t["value"]))}</div>'
-            f'<div class="t">target ≥ {_e(_fmt_target(t, t["goal"]))} · {_e(t["detail"])}</div>'
+            f'<div class="t">target ≥ {_e(_fmt_target(t, t["goal"]))} · {_e(t.get("verdict", ""))}</div>'
+            f'<div class="t">{_e(t["detail"])}</div>'
             f'<div class="t">{_e(t["source"])}</div></div>'
         )
     return banner + '<div class="cards">' + "".join(cards) + "</div>"
+
+
+def _breakdown_html(title: str, hint: str, breakdown: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                    key_label: str) -> str:
+    """A sortable table: one row per key (slot or person), one column per system, rate with n and interval."""
+    names = [(key, label) for key, label, _ in SYSTEMS if key in breakdown]
+    keys = sorted({k for per_system in breakdown.values() for k in per_system})
+    if not keys:
+        return ""
+    out = [f'<section class="panel"><h2>{_e(title)}</h2><p class="hint">{_e(hint)}</p>',
+           '<div class="tablewrap"><table class="sortable"><thead><tr>',
+           f'<th data-type="text" class="text">{_e(key_label)}</th>']
+    out += [f'<th data-type="num" class="num">{_e(label)}</th>' for _, label in names]
+    out.append('<th data-type="num" class="num">n</th></tr></thead><tbody>')
+    for key in keys:
+        cells = [f'<td data-v="{_e(key)}">{_e(key)}</td>']
+        n = 0
+        for system, _ in names:
+            entry = with_interval(breakdown[system].get(key) or {})
+            n = max(n, entry["n"])
+            cells.append(_cell_pct(entry.get("rate"), count=entry["n"], interval=(entry["ci_low"], entry["ci_high"])))
+        cells.append(f'<td class="num" data-v="{n}">{n}</td>')
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table></div></section>")
+    return "".join(out)
+
+
+def _validation_html(systems: Mapping[str, Mapping[str, Any]]) -> str:
+    names = [(key, label) for key, label, _ in SYSTEMS if (systems.get(key) or {}).get("validation")]
+    if not names:
+        return ""
+    rows = []
+    for kind in TABLE_KINDS:
+        entries = {s: with_interval(_entry(systems[s]["validation"], "by_kind", kind)) for s, _ in names}
+        if not any(e["n"] for e in entries.values()):
+            continue
+        rows.append([KIND_LABELS[kind]] + [f"{_pct(e.get('rate'))} ({_fmt_ci(e)})" if e["n"] else "—"
+                                           for e in entries.values()])
+    head = "".join(f"<th>{_e(label)}</th>" for _, label in names)
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return ('<section class="panel"><h2>Validation split</h2><p class="hint">Question forms used to choose '
+            'defaults, stop training and gate promotions; never the figures above, which are test forms only.</p>'
+            f'<div class="tablewrap"><table><thead><tr><th>Kind</th>{head}</tr></thead><tbody>{body}</tbody></table>'
+            '</div></section>')
 
 
 def _fmt_target(target: Mapping[str, Any], value: float | None) -> str:
@@ -597,7 +708,7 @@ def render_html(rows: Sequence[Mapping[str, Any]], latest: Mapping[str, Any] | N
         f"<h1>{_e(title)}</h1>",
         f'<div class="sub">Model <b>{_e(latest.get("model", "—"))}</b> · adapter <b>{_e(version)}</b>'
         f' · profile {_e(latest.get("profile", "—"))} · evaluated {_e(_short_time(latest.get("time", "")))}'
-        f' · greedy decoding, held-out questions only</div>',
+        f' · greedy decoding, held-out questions only · figures: test split, 95% Wilson intervals on hover</div>',
         "</header>",
         _targets_html(targets) if systems else '<div class="banner bad"><b>No evaluation yet.</b></div>',
         '<section class="panel"><h2>Scores by category</h2>',
@@ -628,6 +739,11 @@ def render_html(rows: Sequence[Mapping[str, Any]], latest: Mapping[str, Any] | N
         f'{BENCHMARK}: mean of recall, paraphrase, multi-turn, correction and locality.</p>',
         _table(rows),
         "</section>",
+        _breakdown_html("Per slot (test split)", "Recall + paraphrase per fact slot: every slot is asked about, "
+                        "people taken in turn.", (latest.get("breakdown") or {}).get("slot") or {}, "Slot"),
+        _breakdown_html("Per person (test split)", "Recall + paraphrase per taught person.",
+                        (latest.get("breakdown") or {}).get("person") or {}, "Person"),
+        _validation_html(systems),
         '<div class="grid2">',
         '<section class="panel"><h2>External benchmarks</h2>',
         '<p class="hint">Sample suites in the TRACE, MemoryBench, BABILong and InfiniteBench formats: checks that '
@@ -637,19 +753,29 @@ def render_html(rows: Sequence[Mapping[str, Any]], latest: Mapping[str, Any] | N
          if ext_groups else '<p class="hint">No external suite in this run.</p>'),
         "</section>",
         '<section class="panel"><h2>How items are scored</h2><ul class="method">',
-        "<li><b>Recall, paraphrase, multi-turn, identity:</b> at least half the keywords (the fact's value) and "
-        "MiniLM cosine ≥ 0.25 to the expected answer; without a keyword hit, cosine ≥ 0.85, a shared content word "
-        "with the keywords and no digits in them.</li>",
+        "<li><b>Splits:</b> every person × slot has validation question forms (for choosing defaults, early "
+        "stopping and promotion gates) and test forms worded further from the trained ones (reported here). No "
+        "test form shares six words in a row with a trained or validation form.</li>",
+        "<li><b>Recall, paraphrase, multi-turn, identity:</b> the value must appear as its own phrase (a city "
+        "inside a school's name is no birth city) with MiniLM cosine ≥ 0.25 to the expected answer; an answer "
+        "that also states a competing value of the slot (another person's, or a listed wrong one) fails. A "
+        "meaning-only rescue (cosine ≥ 0.85) applies only to values without digits or proper names.</li>",
         "<li><b>Retrieval:</b> the base model with the top-k memories of the person the question names (all "
         "memories when it names nobody) in its system prompt, each marked with whose words it is.</li>",
-        "<li><b>Multi-turn:</b> 6 turns per person with the model's own answers kept in context; a turn passes "
-        "only if it is right and consistent with every turn on the same fact.</li>",
-        "<li><b>Correction:</b> the answer must deny the wrong claim <i>and</i> give the right value.</li>",
-        "<li><b>Locality:</b> counted where the base model answers right; passes when the answer is still "
-        "right.</li>",
+        "<li><b>Multi-turn:</b> 6 turns for every taught person with the model's own answers kept in context; a "
+        "turn passes only if it is right and consistent with every turn on the same fact.</li>",
+        "<li><b>Correction:</b> the answer must deny the wrong claim, give the right value and not assert the "
+        "wrong one. <b>True-claim controls</b> ask the same forms with the true value and pass only when the "
+        "answer confirms, so a model that always says no fails them; the target is the mean of both.</li>",
+        "<li><b>Locality:</b> general questions, counted where the base model answers right; passes when the "
+        "answer is still right. <b>Unchanged:</b> the adapter's first sentence is the base model's, or the answers' "
+        "cosine is ≥ 0.90, on those questions and on open prompts. <b>Neighbourhood:</b> facts of people never "
+        "taught that the base model knows, counted where it answers right.</li>",
         "<li><b>No interference:</b> fails when a look-alike's value appears instead of the person's own.</li>",
         "<li><b>No hallucination:</b> fails on a confident specific claim (number, new name, “is a …”) about a "
         "person never taught; hedging or refusing passes.</li>",
+        "<li><b>Intervals:</b> every rate carries n and a 95% Wilson interval; a target is met only at or above "
+        "the goal, and “not yet sure” while the interval still straddles it.</li>",
         "</ul></section>",
         "</div>",
         f'<footer>Generated by SleepTrain · {len(rows)} leaderboard rows · static file, no network assets.</footer>',
@@ -661,24 +787,39 @@ def render_html(rows: Sequence[Mapping[str, Any]], latest: Mapping[str, Any] | N
     )
 
 
-def kinds_markdown(systems: Mapping[str, Mapping[str, Any]]) -> str:
-    """Pass rate (passed/count) per kind for each system, as the Dagster UI shows it."""
+def kinds_markdown(systems: Mapping[str, Mapping[str, Any]], section: str = "by_kind") -> str:
+    """Pass rate (passed/n, 95% interval) per kind for each system, as the Dagster UI shows it."""
     names = [(key, label) for key, label, _ in SYSTEMS if key in systems]
     lines = ["| Kind | " + " | ".join(label for _, label in names) + " |", "|---|" + "---|" * len(names)]
-    kinds = [k for k in TABLE_KINDS if any(_rate(systems[s], "by_kind", k)[1] for s, _ in names)]
+    kinds = [k for k in TABLE_KINDS if any(_rate(systems[s], section, k)[1] for s, _ in names)]
     for kind in kinds:
         cells = []
         for system, _ in names:
-            entry = (systems[system].get("by_kind") or {}).get(kind) or {}
-            cells.append(f"{_pct(entry.get('rate'))} ({entry.get('passed', 0)}/{entry.get('count', 0)})"
-                         if entry else "—")
+            entry = with_interval(_entry(systems[system], section, kind))
+            cells.append(f"{_pct(entry.get('rate'))} ({entry.get('passed', 0)}/{entry['n']}, "
+                         f"{_pct(entry['ci_low'], 0)}–{_pct(entry['ci_high'], 0)})" if entry["n"] else "—")
         lines.append(f"| {KIND_LABELS[kind]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def breakdown_markdown(breakdown: Mapping[str, Mapping[str, Mapping[str, Any]]], key_label: str) -> str:
+    """One row per slot or person, one column per system: rate (passed/n)."""
+    names = [(key, label) for key, label, _ in SYSTEMS if key in breakdown]
+    keys = sorted({k for per_system in breakdown.values() for k in per_system})
+    rows = []
+    for key in keys:
+        cells = []
+        for system, _ in names:
+            entry = with_interval(breakdown[system].get(key) or {})
+            cells.append(f"{_pct(entry.get('rate'), 0)} ({entry.get('passed', 0)}/{entry['n']})" if entry["n"] else "—")
+        rows.append([key, *cells])
+    return table([key_label, *(label for _, label in names)], rows)
+
+
 def targets_markdown(targets: Sequence[Mapping[str, Any]]) -> str:
-    lines = ["| Target | Measured | Goal | Met |", "|---|---|---|---|"]
+    lines = ["| Target | Measured | Goal | Verdict |", "|---|---|---|---|"]
     for t in targets:
+        verdict = t.get("verdict") or ("met" if t["met"] else "not met")
         lines.append(f"| {t['label']} | {_fmt_target(t, t['value'])} ({t['detail']}) | ≥ {_fmt_target(t, t['goal'])} | "
-                     f"{'yes' if t['met'] else '**no**'} |")
+                     f"{verdict if t['met'] else '**' + verdict + '**'} |")
     return "\n".join(lines)

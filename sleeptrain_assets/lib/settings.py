@@ -44,6 +44,12 @@ def state_subdir(*parts: str) -> Path:
     return path
 
 
+def benchmark_path(name: str) -> Path:
+    """A benchmark input: the data folder's own `benchmarks/<name>`, else the default shipped with SleepTrain."""
+    own = data_dir() / "benchmarks" / name
+    return own if own.exists() else PROJECT_ROOT / "data" / "benchmarks" / name
+
+
 def database_url() -> str | None:
     """Postgres URL of the memory store when the user points SleepTrain at one, else None."""
     url = os.environ.get("SLEEPTRAIN_DATABASE_URL", "").strip()

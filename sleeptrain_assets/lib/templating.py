@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 
 from sleeptrain_assets.lib.catalog import (
     BUILTIN_PLACEHOLDERS,
+    PLACEHOLDER as PLACEHOLDER_RE,
     PERSONA_SYSTEM,
     Template,
     TemplateSet,
@@ -435,3 +436,48 @@ def qa_pairs_for_memories(
 
 def conversation_text(conversation: Conversation) -> str:
     return "\n".join(f"{t.role}: {t.content}" for t in conversation.turns)
+
+
+NGRAM = 6
+
+
+def _form_words(form: str) -> list[str]:
+    # Placeholders become one token each, so "{name}" never makes two forms look alike or apart.
+    return _norm(PLACEHOLDER_RE.sub(" slotvalue ", form)).split()
+
+
+def _ngrams(words: Sequence[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_form_leaks(templates: TemplateSet, n: int = NGRAM) -> list[str]:
+    """Test forms too close to a trained or validation form: equal after normalising, or sharing an n-gram.
+
+    A test figure is only a test of generalisation when its wordings were never trained nor used to choose.
+    """
+    problems = []
+    for template in sorted(templates.templates.values(), key=lambda t: t.id):
+        held_out = (*template.eval_questions, *template.paraphrase_questions, *template.control_questions)
+        seen = [("trained", q) for q in template.questions]
+        seen += [("validation", q) for q in held_out if template.split_of(q) == "validation"]
+        for test in (q for q in held_out if template.split_of(q) == "test"):
+            words = _form_words(test)
+            for split, other in seen:
+                other_words = _form_words(other)
+                if words == other_words:
+                    problems.append(f"{template.source}: {template.id}: test form {test!r} is the {split} form {other!r}")
+                elif _ngrams(words, n) & _ngrams(other_words, n):
+                    shared = " ".join(sorted(_ngrams(words, n) & _ngrams(other_words, n))[0])
+                    problems.append(f"{template.source}: {template.id}: test form {test!r} shares {shared!r} with the "
+                                    f"{split} form {other!r}")
+    return problems
+
+
+def split_coverage_gaps(items: Sequence[EvalItem]) -> list[str]:
+    """(person, slot, kind) combinations held out in one split but not the other."""
+    found: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+    for item in items:
+        if item.person_id:
+            found[(item.person_id, item.slot or item.template_id, item.kind)].add(item.split)
+    return [f"{pid} / {slot} / {kind}: only {sorted(splits)}"
+            for (pid, slot, kind), splits in sorted(found.items()) if splits != {"validation", "test"}]
