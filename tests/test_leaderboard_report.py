@@ -20,22 +20,25 @@ def _scores(rates: dict[str, float], n: int = 10) -> list[scoring.ItemScore]:
     people = sorted(PEOPLE)
     for kind, rate in rates.items():
         for i in range(n):
-            person = None if kind in ("locality", "hallucination") else people[i % len(people)]
-            category = "correction" if kind == "correction" else "identity" if kind == "identity" else "fact"
+            person = None if kind in lr.ALL_ITEM_KINDS else people[i % len(people)]
+            category = ("correction" if kind in ("correction", "confirmation") else "identity" if kind == "identity"
+                        else "fact")
             out.append(scoring.ItemScore(f"{kind}:{i}", kind, category, person, i < round(rate * n), 0.5))
     return out
 
 
-ADAPTER = {"recall": 0.9, "paraphrase": 0.6, "multi_turn": 0.5, "correction": 0.8, "identity": 0.7,
-           "locality": 1.0, "interference": 0.9, "hallucination": 0.3}
+ADAPTER = {"recall": 0.9, "paraphrase": 0.6, "multi_turn": 0.5, "correction": 0.8, "confirmation": 0.7,
+           "identity": 0.7, "locality": 1.0, "unchanged": 0.9, "neighbourhood": 1.0, "interference": 0.9,
+           "hallucination": 0.3}
 BASE = {k: (1.0 if k == "locality" else 0.1) for k in ADAPTER}
 RETRIEVAL = {**ADAPTER, "recall": 1.0, "locality": 0.8}
 
 
 def make_run(version: str = "v0002-abc", time: str = "2026-01-02T10:00:00+00:00", adapter=None, history=None,
-             model: str = "SmolLM2-135M-Instruct") -> dict:
+             model: str = "SmolLM2-135M-Instruct", retrieval=None) -> dict:
     systems = {name: scoring.summarize(_scores(rates), PEOPLE)
-               for name, rates in (("adapter", adapter or ADAPTER), ("base", BASE), ("retrieval", RETRIEVAL))}
+               for name, rates in (("adapter", adapter or ADAPTER), ("base", BASE),
+                                   ("retrieval", retrieval or RETRIEVAL))}
     history = lr.record_cycle(history or {"cycles": []}, version, time,
                               {"lena_varga/birth.year": 1.0, "tobias_renker/birth.city": 0.5}, {})
     return {
@@ -55,8 +58,10 @@ def test_targets_read_fictional_rates_and_the_retrieval_ratio():
     assert targets["locality"]["value"] == 1.0 and targets["locality"]["met"]
     assert targets["retrieval_ratio"]["value"] == pytest.approx(6 / 7, abs=1e-4)  # vs 7/7 for retrieval
     assert not targets["retrieval_ratio"]["met"]
-    perfect = make_run(adapter={k: 1.0 for k in ADAPTER})
+    perfect = make_run(adapter={k: 1.0 for k in ADAPTER}, retrieval={**RETRIEVAL, "recall": 0.5})
     assert all(t["met"] for t in perfect["targets"])
+    # 7 fictional items all right: at the goal, but the interval still reaches below 95%.
+    assert {t["name"]: t["verdict"] for t in perfect["targets"]}["recall"] == "met, not yet sure"
     empty = lr.evaluate_targets({"adapter": {}, "retrieval": {}})
     assert not any(t["met"] for t in empty) and all(t["value"] is None for t in empty)
 
@@ -69,7 +74,7 @@ def test_rows_carry_every_kind_and_the_retrieval_column():
         assert set(lr.HEADLINE_KINDS) <= set(row["metrics"]) and row["retrieval"]["recall"] == 1.0
         expected = sum(row["metrics"][k] for k in lr.HEADLINE_KINDS) / len(lr.HEADLINE_KINDS)
         assert row["score"] == pytest.approx(expected, abs=1e-4)
-        assert row["count"] == 80 and row["time"] and row["notes"]
+        assert row["count"] == 10 * len(ADAPTER) and row["time"] and row["notes"]
     assert people_rows[0]["metrics"]["recall"] == 0.9 and people_rows[1]["metrics"]["recall"] == 0.1
     external = [r for r in rows if r["benchmark"] == "BABILong"]
     assert {(r["adapter_version"], r["score"]) for r in external} == {("v0002-abc", 0.5), ("base", 0.6667)}
@@ -129,10 +134,11 @@ def test_html_shows_table_charts_and_missed_targets():
     assert parser.rows == len(rows) == 4
     assert parser.tags["svg"] >= 4 and parser.tags.get("script") == 1
     assert not parser.external, "no network (or any external) assets"
-    assert "Targets not met (4 of 5)" in page and "Held-out recall 85.7% (target ≥ 90%)" in page
+    assert "Targets not met (5 of 8)" in page and "Held-out recall 85.7% (target ≥ 95%)" in page
+    assert "Met, not yet sure:</b> Locality (n=10, 95% CI 72%–100%)" in page
     assert '<script>alert("x")' not in page and "&lt;script&gt;" in page
     assert page.count('class="sortable"') == 1 and "aria-sort" in page
-    met = make_run(adapter={k: 1.0 for k in ADAPTER})
+    met = make_run(adapter={k: 1.0 for k in ADAPTER}, retrieval={**RETRIEVAL, "recall": 0.5})
     assert "All targets met" in lr.render_html(lr.rows_from_run(met), met, met["retention"])
 
 
@@ -141,8 +147,9 @@ def test_markdown_tables():
     table = lr.markdown_table(lr.rows_from_run(run))
     assert len(table.splitlines()) == 2 + 4 and "| v0002-abc | sleeptrain-people | " in table
     kinds = lr.kinds_markdown(run["systems"])
-    assert "| Recall | 90.0% (9/10) | 10.0% (1/10) | 100.0% (10/10) |" in kinds
-    assert "**no**" in lr.targets_markdown(run["targets"])
+    assert "| Recall | 90.0% (9/10, 60%–98%) | 10.0% (1/10, 2%–40%) | 100.0% (10/10, 72%–100%) |" in kinds
+    assert "**not met**" in lr.targets_markdown(run["targets"])
+    assert "met, not yet sure" in lr.targets_markdown(run["targets"])
 
 
 def test_atomic_writes_leave_no_temporaries_and_corrupt_json_is_named(tmp_path):

@@ -44,7 +44,7 @@ class EvaluationConfig(dg.Config):
 @dg.asset_check(asset="evaluation_questions", additional_ins={"conversation_templates": dg.AssetIn()}, blocking=True)
 def test_forms_far_from_trained(conversation_templates: TemplateSet) -> dg.AssetCheckResult:
     """No test question form equals, or shares six words in a row with, a trained or validation form."""
-    problems = templating.test_form_leaks(conversation_templates)
+    problems = templating.leaking_test_forms(conversation_templates)
     return dg.AssetCheckResult(passed=not problems, metadata={
         "problems": len(problems), "ngram": templating.NGRAM,
         "details": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems[:50]) or "none")})

@@ -450,8 +450,9 @@ def _ngrams(words: Sequence[str], n: int) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
-def test_form_leaks(templates: TemplateSet, n: int = NGRAM) -> list[str]:
-    """Test forms too close to a trained or validation form: equal after normalising, or sharing an n-gram.
+def leaking_test_forms(templates: TemplateSet, n: int = NGRAM) -> list[str]:
+    """Test forms too close to a trained or validation form: equal after normalising, sharing an n-gram, or
+    holding a shorter form whole.
 
     A test figure is only a test of generalisation when its wordings were never trained nor used to choose.
     """
@@ -466,6 +467,9 @@ def test_form_leaks(templates: TemplateSet, n: int = NGRAM) -> list[str]:
                 other_words = _form_words(other)
                 if words == other_words:
                     problems.append(f"{template.source}: {template.id}: test form {test!r} is the {split} form {other!r}")
+                elif len(other_words) < n and _ngrams(words, len(other_words)) & {tuple(other_words)}:
+                    problems.append(f"{template.source}: {template.id}: test form {test!r} contains the {split} form "
+                                    f"{other!r}")
                 elif _ngrams(words, n) & _ngrams(other_words, n):
                     shared = " ".join(sorted(_ngrams(words, n) & _ngrams(other_words, n))[0])
                     problems.append(f"{template.source}: {template.id}: test form {test!r} shares {shared!r} with the "
