@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from sleeptrain_assets.defs.training import REPLAY_PROMPTS_FILE
 from sleeptrain_assets.lib import eval_suite, leaderboard_report, scoring, settings, templating
-from sleeptrain_assets.lib.catalog import TemplateSet
+from sleeptrain_assets.lib.catalog import SPLITS, TemplateSet
 from sleeptrain_assets.lib.external_benchmarks import LOADERS, contains_match, load_paths, run_benchmark
 from sleeptrain_assets.lib.records import EvalItem, Memory, Person
 from sleeptrain_assets.lib.training_data import load_replay_prompts
@@ -39,6 +39,18 @@ class EvaluationConfig(dg.Config):
     )
     retrieval_top_k: int | None = Field(None, ge=1, le=50, description="memories in the retrieval baseline's prompt")
     external: bool = Field(True, description="also run the external suites listed in data/benchmarks/paths.yaml")
+    retrieval: bool = Field(True, description="also score the retrieval baseline (base model + top-k memories)")
+    splits: list[str] = Field(["validation", "test"], min_length=1,
+                              description="which held-out splits to ask: validation (for choosing) and/or test "
+                              "(the reported figures)")
+
+    @field_validator("splits")
+    @classmethod
+    def _known_splits(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"unknown splits {unknown}; choose from {list(SPLITS)}")
+        return value
 
 
 @dg.asset_check(asset="evaluation_questions", additional_ins={"conversation_templates": dg.AssetIn()}, blocking=True)
@@ -110,7 +122,8 @@ def benchmark_scores(
                              "locality and hallucination items must never be trained")
     taught = set(memory_store.count_by_person()) & set(people_profiles)
     plan = eval_suite.build_plan(evaluation_questions, people_profiles, locality, probes, cap=cap, per_slot=per_slot,
-                                 taught=taught, max_conversations=profile.eval_max_conversations)
+                                 taught=taught, max_conversations=profile.eval_max_conversations,
+                                 splits=config.splits)
     context.log.info(f"evaluating {version} on {plan.counts()} ({per_slot} per kind, split and slot; "
                      f"{len(plan.groups)} conversations; retrieval top-{top_k})")
 
@@ -121,18 +134,17 @@ def benchmark_scores(
         return generate
 
     names = {pid: person.name for pid, person in people_profiles.items()}
-    memories = _retrieved(plan, embedder, memory_store, top_k, names)
+    memories = _retrieved(plan, embedder, memory_store, top_k, names) if config.retrieval else {}
 
     def with_memories(item: EvalItem, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         return eval_suite.retrieval_messages(messages, memories[item.id], names)
 
     answers: dict[str, dict[str, str]] = {}
     seconds: dict[str, float] = {}
-    for system, generate, augment in (
-        ("adapter", generator(adapter_path), None),
-        ("base", generator(None), None),
-        ("retrieval", generator(None), with_memories),
-    ):
+    systems_to_run = [("adapter", generator(adapter_path), None), ("base", generator(None), None)]
+    if config.retrieval:
+        systems_to_run.append(("retrieval", generator(None), with_memories))
+    for system, generate, augment in systems_to_run:
         start = time.perf_counter()
         answers[system] = eval_suite.answer_plan(generate, plan, augment)
         seconds[system] = round(time.perf_counter() - start, 2)
@@ -292,8 +304,8 @@ def _track(tracker: Tracker, run: dict[str, Any], plan: eval_suite.SuitePlan, an
     tracker.log_metrics(metrics)
     verdicts = {system: {s.item_id: s.passed for s in system_scores} for system, system_scores in scores.items()}
     rows = [[item.id, item.kind, item.person_id or "", item.question, item.expected,
-             *(answers[s][item.id] for s in ("adapter", "base", "retrieval")),
-             *(verdicts[s][item.id] for s in ("adapter", "base", "retrieval"))] for item in plan.items()]
+             *(answers.get(s, {}).get(item.id, "") for s in ("adapter", "base", "retrieval")),
+             *(verdicts.get(s, {}).get(item.id) for s in ("adapter", "base", "retrieval"))] for item in plan.items()]
     tracker.log_table("answers", ["id", "kind", "person", "question", "expected", "adapter", "base", "retrieval",
                                   "adapter_pass", "base_pass", "retrieval_pass"], rows)
     tracker.finish()
