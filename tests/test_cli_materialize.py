@@ -26,11 +26,36 @@ def test_whole_graph_materializes_from_the_command_line(sleeptrain_env: Path, tm
     assert "RUN_SUCCESS" in done.stdout + done.stderr
 
     reports = sleeptrain_env / "reports"
-    rows = json.loads((reports / "leaderboard.json").read_text())
-    rows = rows["rows"] if isinstance(rows, dict) else rows
-    assert rows, "the leaderboard has rows"
+    board = json.loads((reports / "leaderboard.json").read_text())
+    people_rows = [r for r in board["rows"] if r["benchmark"] == "sleeptrain-people"]
+    assert [r["system"] for r in people_rows] == ["adapter", "base"]
+    for row in people_rows:
+        # Every reported rate carries its n and a 95% interval around it.
+        for kind, rate in row["metrics"].items():
+            if rate is not None:
+                low, high = row["intervals"][kind]
+                assert row["counts"][kind] >= 1 and low <= rate <= high, (row["system"], kind)
+    run = board["latest_run"]
+    assert run["reported_split"] == "test"
+    assert run["systems"]["base"]["fictional_by_kind"]["recall"]["rate"] <= 0.25, "invented people are unknown"
+    assert {t["verdict"] for t in run["targets"]} <= {"met", "met, not yet sure", "not met", "not met, not yet sure"}
     assert (reports / "leaderboard.html").stat().st_size > 1000
     current = (sleeptrain_env / "adapters" / "current").read_text().strip()
     assert (sleeptrain_env / "adapters" / "versions" / current / "adapter_model.safetensors").is_file()
-    # The persistent Dagster home keeps the run: a second command sees the materializations.
-    assert any(dagster_home.rglob("*.db"))
+
+    # A second process on the same persistent Dagster home sees every asset's latest materialization.
+    probe = (
+        "import json, sys\n"
+        "import dagster as dg\n"
+        "instance = dg.DagsterInstance.get()\n"
+        "keys = json.loads(sys.argv[1])\n"
+        "found = {k: instance.get_latest_materialization_event(dg.AssetKey(k)) is not None for k in keys}\n"
+        "print(json.dumps(found))\n"
+    )
+    assets = ["people_profiles", "conversation_templates", "templated_conversations", "evaluation_questions",
+              "validated_queue", "hippocampus_memories", "consolidated_memories", "lora_adapter",
+              "benchmark_scores", "leaderboard"]
+    seen = subprocess.run([sys.executable, "-c", probe, json.dumps(assets)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert seen.returncode == 0, seen.stderr[-3000:]
+    assert json.loads(seen.stdout.strip().splitlines()[-1]) == {k: True for k in assets}

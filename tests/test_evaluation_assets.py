@@ -56,16 +56,39 @@ def test_benchmark_scores_and_leaderboard_materialize(sleeptrain_env: Path):
     assets = [people_profiles, evaluation_questions, lora_adapter, benchmark_scores, leaderboard]
     resources = {"base_model": BaseModel(), "embedder": Embedder(), "memory_store": LocalMemoryStore(),
                  "registry": AdapterRegistry(), "tracker": Tracker(mode="offline")}
-    config = EvaluationConfig(max_items_per_kind=2, batch_size=16)
+    config = EvaluationConfig(items_per_slot=1, max_items_per_kind=2, batch_size=16)
     result = dg.materialize(assets, resources=resources, instance=dg.DagsterInstance.ephemeral(),
                             run_config={"ops": {"benchmark_scores": {"config": config.model_dump()}}})
     assert result.success
     run = result.output_for_node("benchmark_scores")
     assert set(run["systems"]) == {"adapter", "base", "retrieval"}
     for system in run["systems"].values():
-        for kind in ("recall", "paraphrase", "multi_turn", "correction", "identity", "locality", "hallucination"):
-            assert system["by_kind"][kind]["count"] >= 1, kind
-    assert run["counts"]["multi_turn"] == 6 and run["cycle"] == 1
+        for kind in ("recall", "paraphrase", "multi_turn", "correction", "confirmation", "identity", "locality",
+                     "unchanged", "neighbourhood", "hallucination"):
+            assert system["by_kind"][kind]["count"] >= 1, kind  # the reported (test) split
+        for kind in ("recall", "paraphrase", "correction", "confirmation"):
+            assert system["validation"]["by_kind"][kind]["count"] >= 1, kind
+    # One multi-turn conversation of 6 turns per taught person (the smoke profile keeps at most 2).
+    assert run["counts"]["multi_turn"] == 12 and run["cycle"] == 1
+    base, adapter = run["systems"]["base"], run["systems"]["adapter"]
+    # The base model is its own reference: it cannot change its answers, nor lose what it knows.
+    assert base["by_kind"]["unchanged"]["rate"] == 1.0
+    assert base["by_kind"]["locality"]["rate"] in (1.0, None)
+    # Nobody taught the base model these invented people.
+    assert base["fictional_by_kind"]["recall"]["rate"] <= 0.25
+    # Every target has n, a 95% interval around its value and a verdict.
+    for target in run["targets"]:
+        if target["value"] is not None and target["name"] != "retrieval_ratio":
+            assert target["count"] >= 1 and target["ci_low"] <= target["value"] <= target["ci_high"], target
+        assert target["verdict"] in ("met", "met, not yet sure", "not met", "not met, not yet sure")
+    detail = json.loads(Path(run["report_path"]).read_text())
+    # Per-slot and per-person results cover every slot and person asked about in the test split.
+    asked = [i for i in detail["items"] if i["kind"] in ("recall", "paraphrase") and i["split"] == "test"]
+    assert len({i["slot"] for i in asked}) >= 2
+    for system in ("adapter", "base", "retrieval"):
+        assert set(run["breakdown"]["slot"][system]) == {i["slot"] for i in asked}
+        assert set(run["breakdown"]["person"][system]) == {i["person_id"] for i in asked}
+    assert adapter["cut_at_budget"]["answers"] > 0 and 0 <= adapter["cut_at_budget"]["cut"] <= adapter["cut_at_budget"]["answers"]
     assert {(r["benchmark"], r["system"]) for r in run["external"]} == {
         (b, s) for b in ("TRACE", "MemoryBench", "BABILong", "InfiniteBench") for s in ("adapter", "base")}
 
@@ -79,8 +102,7 @@ def test_benchmark_scores_and_leaderboard_materialize(sleeptrain_env: Path):
         assert all(row["metrics"][k] is not None for k in leaderboard_report.HEADLINE_KINDS)
         assert row["retrieval"]["recall"] is not None
     page = (reports / "leaderboard.html").read_text()
-    assert version in page and "<svg" in page
-    detail = json.loads(Path(run["report_path"]).read_text())
+    assert version in page and "<svg" in page and "Per slot (test split)" in page and "Validation split" in page
     assert all(set(i["answers"]) == {"adapter", "base", "retrieval"} for i in detail["items"])
     assert any(i["retrieved"] for i in detail["items"])  # the retrieval baseline saw memories
     assert json.loads((reports / "retention_history.json").read_text())["cycles"][0]["adapter_version"] == version
