@@ -498,6 +498,9 @@ def test_unchanged_compares_with_the_base_answer(minilm):
     other = "I was born in Leuven, Belgium, and I work as a glassblower."
     changed = scoring.score_item(unch, other, None, base, None, minilm(other, base))
     assert changed.counted and not changed.passed
+    # a shared opener is not a shared answer
+    opener = ("Sure! I was born in Leuven.", "Sure! The capital of France is Paris.")
+    assert not scoring.score_unchanged(unch, *opener, minilm(*opener)).passed
 
 
 def test_cut_answers_are_counted():

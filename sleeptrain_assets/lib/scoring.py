@@ -34,8 +34,9 @@ Rules (every threshold was measured with all-MiniLM-L6-v2 on SleepTrain-style an
 - **Confirmation** (a true claim, the control beside each correction): passes only when the answer confirms
   (opens with yes / correct / that's right ..., or states the true value) without denying the claim, does not
   negate the true value and states no competitor. A model that always says "No" fails every one.
-- ``SAME_ANSWER = 0.90``: *unchanged* (the adapter says what the base model says) holds when the first
-  sentences are equal after `normalise`, or the whole answers' cosine is at least this. Measured on 16 pairs:
+- ``SAME_ANSWER = 0.90``: *unchanged* (the adapter says what the base model says) holds when the answers or
+  their first sentences (``MIN_FIRST_SENTENCE_WORDS = 3`` words or more, so a "Sure!" opener does not decide
+  it) are equal after `normalise`, or the whole answers' cosine is at least this. Measured on 16 pairs:
   rewordings of one answer 0.93-0.99 (6 of 6 pass; "The capital of France is Paris." vs "Paris is the capital
   of France." 0.99, a haiku reworded 0.93), different answers to one prompt 0.11-0.65 (6 of 6 fail), but a
   changed fact in one sentence frame 0.75-0.97 (2 of 4 pass: "... boils at 100 degrees" vs "... 90 degrees"
@@ -68,6 +69,7 @@ KEYWORD_PASS = 0.5
 SEMANTIC_FLOOR = 0.25
 SEMANTIC_PASS = 0.85
 SAME_ANSWER = 0.90
+MIN_FIRST_SENTENCE_WORDS = 3
 KEYWORD_WEIGHT = 0.7
 _FUNCTION_WORDS = frozenset("the and for with from into of in on at to by an a or".split())
 
@@ -280,15 +282,17 @@ def mentions(answer: str, phrase: str, known: Iterable[str] = (), asked: str = "
     embedding = [span for k in longer if _embeds(k, phrase) for span in text.find(k)]
     qualifying = [span for k in longer if not _embeds(k, phrase) for span in text.find(k)]
     asked_words = frozenset(normalise(asked).split())
+
+    def extends_name(i: int, j: int, k: int) -> bool:
+        """Neighbour k of the mention [i, j) makes it part of a longer proper name ("Leuven Glass Museum")."""
+        glue = i if k < i else j
+        in_qualifier = any(a <= min(i, k) and max(j, k + 1) <= b for a, b in qualifying)  # "Leuven Belgium"
+        return 0 <= k < len(text.tokens) and text.glued(glue) and text.name_part(k, asked_words) and not in_qualifier
+
     out = []
     for i, j in spans:
         inside = any(a <= i and j <= b for a, b in embedding)
-        glued_name = False
-        if text.tokens[i].text[:1].isupper():
-            def extends(k: int, glue: int) -> bool:
-                in_qualifier = any(a <= min(i, k) and max(j, k + 1) <= b for a, b in qualifying)
-                return text.glued(glue) and text.name_part(k, asked_words) and not in_qualifier
-            glued_name = (i > 0 and extends(i - 1, i)) or (j < len(text.tokens) and extends(j, j))
+        glued_name = text.tokens[i].text[:1].isupper() and (extends_name(i, j, i - 1) or extends_name(i, j, j))
         out.append(Mention(i, j, not inside and not glued_name, text.negated(i, j), text.in_question(j)))
     return out
 
@@ -539,9 +543,15 @@ def first_sentence(text: str) -> str:
     return re.split(r"(?<=[.!?])\s+|\n+", text.strip(), maxsplit=1)[0]
 
 
+def same_first_sentence(a: str, b: str) -> bool:
+    """Equal first sentences after normalising, of ``MIN_FIRST_SENTENCE_WORDS`` words or more ("Sure!" is not one)."""
+    first = normalise(first_sentence(a))
+    return len(first.split()) >= MIN_FIRST_SENTENCE_WORDS and first == normalise(first_sentence(b))
+
+
 def same_answer(a: str, b: str, similarity: float | None) -> bool:
-    """Two answers say the same: equal first sentences after normalising, or cosine >= ``SAME_ANSWER``."""
-    return (normalise(a) == normalise(b) or normalise(first_sentence(a)) == normalise(first_sentence(b))
+    """Two answers say the same: equal, equal first sentences, or cosine >= ``SAME_ANSWER``."""
+    return (normalise(a) == normalise(b) or same_first_sentence(a, b)
             or (similarity is not None and similarity >= SAME_ANSWER))
 
 
@@ -586,7 +596,7 @@ def score_neighbourhood(
 def score_unchanged(item: EvalItem, answer: str, base_answer: str,
                     answer_base_similarity: float | None = None) -> ItemScore:
     """Passes when the adapter's answer says what the base model's does (`same_answer`); always counted."""
-    same_first = normalise(first_sentence(answer)) == normalise(first_sentence(base_answer))
+    same_first = same_first_sentence(answer, base_answer)
     passed = same_answer(answer, base_answer, answer_base_similarity)
     details = {"same_first_sentence": same_first,
                "cosine": None if answer_base_similarity is None else round(answer_base_similarity, 4)}
