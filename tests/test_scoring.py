@@ -51,6 +51,10 @@ def test_normalise_and_whole_word_match():
     assert not scoring.contains_phrase("I was born in 19845.", "1984")
     assert scoring.contains_phrase("She won the Golden Kiln award", "golden kiln Award")
     assert not scoring.contains_phrase("anything", "")
+    # mentions see the same words as `normalise`: accents, digit groups, apostrophes
+    assert scoring.asserts("She was born in Lëuven.", "Leuven") and scoring.asserts("Born in 1,984.", "1984")
+    assert not scoring.asserts("She was born in 19845.", "1984")
+    assert scoring.asserts("Lena Varga's town is Leuven", "Lena Varga")
 
 
 def test_hybrid_thresholds_on_real_embeddings(minilm):

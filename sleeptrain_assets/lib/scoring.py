@@ -297,11 +297,6 @@ def mentions(answer: str, phrase: str, known: Iterable[str] = (), asked: str = "
     return out
 
 
-def own_phrase(answer: str, phrase: str, known: Iterable[str] = (), asked: str = "") -> bool:
-    """`phrase` occurs in `answer` at least once as its own phrase (negated or not)."""
-    return any(m.own_phrase for m in mentions(answer, phrase, known, asked))
-
-
 def asserts(answer: str, phrase: str, known: Iterable[str] = (), asked: str = "") -> bool:
     """`answer` states `phrase` as true: an own-phrase mention, not negated, not inside a question."""
     return any(m.asserted for m in mentions(answer, phrase, known, asked))
@@ -315,7 +310,7 @@ def negates_only(answer: str, phrase: str, known: Iterable[str] = (), asked: str
 
 def has_proper_name_or_digit(keyword: str) -> bool:
     """A keyword holding a digit or a capitalised word: a value that cosine cannot tell from its neighbours."""
-    return bool(_NUMBER.search(keyword)) or any(w.strip()[:1].isupper() for w in re.findall(r"\S+", keyword))
+    return bool(_NUMBER.search(keyword)) or any(w[0].isupper() for w in re.findall(r"[^\W\d_]+", keyword))
 
 
 # --------------------------------------------------------------------------- item verdicts
@@ -420,22 +415,22 @@ def hybrid(
     which fail it whatever else it says.
     """
     fraction, hits = keyword_fraction(answer, keywords, known, asked)
-    sim = similarity
-    score = KEYWORD_WEIGHT * fraction + (1 - KEYWORD_WEIGHT) * max(sim or 0.0, 0.0)
+    score = KEYWORD_WEIGHT * fraction + (1 - KEYWORD_WEIGHT) * max(similarity or 0.0, 0.0)
     details = {"keyword_fraction": round(fraction, 4), "keywords_hit": hits,
-               "cosine": None if sim is None else round(sim, 4), "competing_values_stated": list(stated_wrong)}
+               "cosine": None if similarity is None else round(similarity, 4),
+               "competing_values_stated": list(stated_wrong)}
     if not answer.strip():
         return False, 0.0, "empty answer", details
     if stated_wrong:
         return False, score, f"states a competing value {stated_wrong[0]!r}", details
     if keywords and fraction >= KEYWORD_PASS and hits:
-        if sim is not None and sim < SEMANTIC_FLOOR:
-            return False, score, f"keywords hit but cosine {sim:.2f} < floor {SEMANTIC_FLOOR}", details
+        if similarity is not None and similarity < SEMANTIC_FLOOR:
+            return False, score, f"keywords hit but cosine {similarity:.2f} < floor {SEMANTIC_FLOOR}", details
         return True, score, f"keywords {len(hits)}/{len([k for k in keywords if normalise(k)])}", details
     rescuable = not any(has_proper_name_or_digit(k) for k in keywords)
     shares_a_word = not keywords or bool(keyword_words(keywords) & set(normalise(answer).split()))
-    if sim is not None and sim >= SEMANTIC_PASS and rescuable and shares_a_word:
-        return True, score, f"cosine {sim:.2f} >= {SEMANTIC_PASS}", details
+    if similarity is not None and similarity >= SEMANTIC_PASS and rescuable and shares_a_word:
+        return True, score, f"cosine {similarity:.2f} >= {SEMANTIC_PASS}", details
     if keywords:
         return False, score, f"keywords {len(hits)}/{len(keywords)} below {KEYWORD_PASS}", details
     return False, score, "no keywords and cosine below the semantic pass line", details
