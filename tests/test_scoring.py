@@ -419,6 +419,8 @@ def test_no_semantic_rescue_for_proper_names_or_another_persons_value(values, mi
         ("She wasn't born in 1988; she was born in 1984.", True),
         ("Lena Varga was born in 1984 rather than 1988.", True),
         ("Was she born in 1988? No, in 1984.", True),
+        ("No, it is not true that Lena Varga was born in 1988, she was born in 1984.", True),
+        ("It's not true that she was born in 1988. Lena Varga was born in 1984.", True),
     ],
 )
 def test_correction_rejects_an_asserted_wrong_value(values, answer, passed):

@@ -10,8 +10,8 @@ Rules (every threshold was measured with all-MiniLM-L6-v2 on SleepTrain-style an
   part unless the word is an acronym ("KU"); the asked person's name is never a name part. Why: "Lena Varga
   studied at KU Leuven." passed the birth-city question on its keyword at cosine 0.83.
 - **Asserted, not negated.** A mention counts as stated only when it is not negated ("not 1988", "never won
-  the X", "rather than X", "instead of X", "X is wrong/incorrect", "X isn't right") and not inside a question
-  ("Was she born in 1988? No."). A right value that is only negated is not given.
+  the X", "rather than X", "instead of X", "X is wrong/incorrect", "X isn't right", "it is not true that ... X")
+  and not inside a question ("Was she born in 1988? No."). A right value that is only negated is not given.
 - **Competing values fail.** An answer that states a competing value of the item's slot (another person's
   value for the same slot, a listed wrong value, or the correction's wrong value) fails whatever else it says:
   recall, paraphrase, multi-turn, identity, correction, confirmation, locality, neighbourhood, interference.
@@ -130,6 +130,7 @@ _CLAUSE_WORDS = frozenset({"but", "and", "however", "although", "though", "while
                            "because", "which", "that", "who", "when", "where"})
 _COPULAS = frozenset({"is", "was", "are", "were", "be", "been", "isn", "wasn", "aren", "weren", "seems", "sounds"})
 _FALSE_WORDS = frozenset({"wrong", "incorrect", "false", "untrue", "mistaken", "mistake", "inaccurate"})
+_TRUTH_WORDS = frozenset({"true", "correct", "right", "accurate", "case"})
 _NEGATION_WINDOW = 4  # tokens either side of a mention searched for a negation of it
 
 
@@ -213,7 +214,10 @@ class _Text:
         return acronym or not self.sentence_start(k)
 
     def negated(self, i: int, j: int) -> bool:
-        """The mention at [i, j) is negated within its clause ("not X", "X is wrong")."""
+        """The mention at [i, j) is negated within its clause ("not X", "X is wrong") or sits in a denied claim
+        ("it is not true that she was born in X")."""
+        if self._in_denied_claim(i):
+            return True
         for k in range(i - 1, max(-1, i - 1 - _NEGATION_WINDOW), -1):
             if any(c in _CLAUSE_BREAK for c in self.gap(k + 1)):
                 break
@@ -236,6 +240,20 @@ class _Text:
             if word in _CLAUSE_WORDS:
                 break
             copula = copula or word in _COPULAS
+        return False
+
+    def _in_denied_claim(self, i: int) -> bool:
+        """Token i follows "not true that" / "false that" / "not the case that" earlier in its clause."""
+        for k in range(i - 1, 0, -1):
+            if any(c in _CLAUSE_BREAK for c in self.gap(k + 1)) or self.norms[k] in ("but", "however"):
+                return False
+            if self.norms[k] != "that":
+                continue
+            before = self.norms[max(0, k - 3):k]
+            if before[-1:] and before[-1] in _FALSE_WORDS:
+                return True
+            if before[-1:] and before[-1] in _TRUTH_WORDS and any(w in _NEGATORS or w == "t" for w in before[:-1]):
+                return True
         return False
 
     def in_question(self, j: int) -> bool:
