@@ -58,6 +58,7 @@ import unicodedata
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -263,11 +264,18 @@ class _Text:
         return end == "?"
 
 
+@lru_cache(maxsize=4096)
+def _text(text: str) -> _Text:
+    """The tokenised text, cached: one answer is checked against every keyword and competitor of its item."""
+    return _Text(text)
+
+
+@lru_cache(maxsize=4096)
 def _embeds(longer: str, phrase: str) -> bool:
     """`longer` strictly contains `phrase` glued to its other words by spaces ("KU Leuven", not "Leuven, Belgium")."""
     if normalise(longer) == normalise(phrase) or not contains_phrase(longer, phrase):
         return False
-    text = _Text(longer)
+    text = _text(longer)
     return any(text.glued(i) or text.glued(j) for i, j in text.find(phrase))
 
 
@@ -292,7 +300,7 @@ def mentions(answer: str, phrase: str, known: Iterable[str] = (), asked: str = "
     `known`: other values the answer may mention (the person's other slots, competitors); an occurrence inside
     one that embeds the phrase is not its own phrase. `asked`: the prompt; its words never extend a name.
     """
-    text = _Text(answer)
+    text = _text(answer)
     spans = text.find(phrase)
     if not spans:
         return []
