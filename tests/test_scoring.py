@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sleeptrain_assets.lib import eval_suite, scoring
-from sleeptrain_assets.lib.catalog import CatalogError, load_people, load_templates
+from sleeptrain_assets.lib import eval_suite, scoring, stats
+from sleeptrain_assets.lib.catalog import CatalogError, load_people, load_templates, person_values
 from sleeptrain_assets.lib.records import EvalItem, Memory
 from sleeptrain_assets.lib.templating import evaluation_items
 
@@ -51,6 +51,10 @@ def test_normalise_and_whole_word_match():
     assert not scoring.contains_phrase("I was born in 19845.", "1984")
     assert scoring.contains_phrase("She won the Golden Kiln award", "golden kiln Award")
     assert not scoring.contains_phrase("anything", "")
+    # mentions see the same words as `normalise`: accents, digit groups, apostrophes
+    assert scoring.asserts("She was born in Lëuven.", "Leuven") and scoring.asserts("Born in 1,984.", "1984")
+    assert not scoring.asserts("She was born in 19845.", "1984")
+    assert scoring.asserts("Lena Varga's town is Leuven", "Lena Varga")
 
 
 def test_hybrid_thresholds_on_real_embeddings(minilm):
@@ -70,12 +74,16 @@ def test_hybrid_thresholds_on_real_embeddings(minilm):
 def test_semantic_rescue_only_without_digits(minilm):
     job = item(question="What does Lena Varga do?", expected="Lena Varga works as a marine biologist.",
                keywords=("marine biologist",))
-    same = "She is a biologist who studies the sea, a marine scientist."
     paraphrase = "Lena Varga is employed as a marine biologist."
     assert scoring.score_answer(job, paraphrase, minilm(paraphrase, job.expected)).passed
-    # keyword miss: passes only if the meaning is very close
-    verdict = scoring.score_answer(job, same, minilm(same, job.expected))
-    assert verdict.passed == (minilm(same, job.expected) >= scoring.SEMANTIC_PASS)
+    # keyword miss: passes only when the meaning is very close (measured 0.96) and shares a keyword's word
+    close = "Lena Varga is a marine scientist."
+    assert minilm(close, job.expected) >= scoring.SEMANTIC_PASS
+    verdict = scoring.score_answer(job, close, minilm(close, job.expected))
+    assert verdict.passed and "cosine" in verdict.reason
+    loose = "She is a biologist who studies the sea, a marine scientist."  # measured 0.67
+    assert minilm(loose, job.expected) < scoring.SEMANTIC_PASS
+    assert not scoring.score_answer(job, loose, minilm(loose, job.expected)).passed
     # a wrong value in the same sentence frame is close in meaning but shares no word with the keyword
     city = item(question="What city was Chidinma Oyelaran born in?", expected="Chidinma Oyelaran was born in Enugu.",
                 keywords=("Enugu",), person_id="chidinma_oyelaran")
@@ -123,7 +131,9 @@ def test_locality_counts_only_where_base_was_right():
     skipped = scoring.score_locality(loc, "Paris", "Lyon", 0.7, 0.5, 0.4)
     assert not skipped.counted
     summary = scoring.summarize([kept, broken, skipped])
-    assert summary["by_kind"]["locality"] == {"rate": 0.5, "passed": 1, "count": 2, "mean_score": pytest.approx(summary["by_kind"]["locality"]["mean_score"])}
+    # hybrid scores: kept 0.7 * 1 + 0.3 * 0.8 = 0.94, broken 0.3 * 0.3 = 0.09; Wilson 95% of 1/2 is 0.09-0.91
+    assert summary["by_kind"]["locality"] == {"rate": 0.5, "passed": 1, "count": 2, "n": 2, "mean_score": 0.515,
+                                              "ci_low": 0.0945, "ci_high": 0.9055}
     assert summary["not_counted"] == 1
 
 
@@ -160,7 +170,8 @@ def test_aggregation_per_kind_category_person_and_fictional():
     ]
     summary = scoring.summarize(scores, people)
     assert summary["by_kind"]["recall"]["passed"] == 2 and summary["by_kind"]["recall"]["count"] == 3
-    assert summary["fictional_by_kind"] == {"recall": {"rate": 0.5, "passed": 1, "count": 2, "mean_score": 0.6}}
+    assert summary["fictional_by_kind"] == {"recall": {"rate": 0.5, "passed": 1, "count": 2, "n": 2, "mean_score": 0.6,
+                                                       "ci_low": 0.0945, "ci_high": 0.9055}}
     assert summary["by_category"]["correction"]["rate"] == 0.0
     assert summary["by_person"]["b"]["count"] == 2
     assert list(summary["by_kind"]) == ["recall", "correction"]
@@ -302,3 +313,251 @@ def test_retrieval_links_an_item_to_the_person_it_names_and_never_to_a_look_alik
     assert eval_suite.linked_person(item(question="Did Lena sing?"), names) == "lena"
     assert eval_suite.linked_person(item(question="What is the capital of France?"), names) is None
     assert eval_suite.linked_person(item(question="Where was Lena Vargas born?"), names) == "lena"
+
+
+# --------------------------------------------------------------------------- the strict scorer (issue 10)
+# Each case below is a wrong answer that the keyword + cosine scorer before issue 10 passed (or a right one it
+# must keep passing). Items are built from the real people files so the values are the shipped ones.
+
+SLOT_KEYS = {"birth.year": "birth_year", "birth.city": "birth_city", "awards.name": "award_name",
+             "career.occupation": "occupation"}
+
+
+@pytest.fixture(scope="module")
+def values():
+    people = load_people(DATA / "people")
+    templates = load_templates(DATA / "templates")
+    return people, {pid: person_values(p, templates) for pid, p in people.items()}
+
+
+def slot_item(values, person_id: str, slot: str, question: str, expected: str, kind: str = "recall",
+              **kw) -> EvalItem:
+    """An item as the templating step builds it: its value, the slot's competitors and the person's other values."""
+    people, table = values
+    key = SLOT_KEYS[slot]
+    own = table[person_id]
+    competing = sorted({v[key] for pid, v in table.items() if pid != person_id and key in v and v[key] != own[key]}
+                       | {str(w) for w in people[person_id].wrong_values.get(key, [])})
+    others = tuple(v for k, v in own.items() if k not in ("name", key))
+    return EvalItem(id=kw.pop("id", f"{person_id}:{key}:{kind}"), kind=kind, person_id=person_id, template_id=key,
+                    category=kw.pop("category", "fact"), question=question, expected=expected,
+                    keywords=kw.pop("keywords", (own[key],)), slot=slot, value=own[key],
+                    competing_values=tuple(competing), other_values=others, **kw)
+
+
+def test_the_shipped_values_the_cases_rely_on(values):
+    _, table = values
+    assert table["lena_varga"]["birth_city"] == "Leuven" and table["lena_varga"]["school"] == "KU Leuven"
+    assert table["lena_varga"]["residence_city"] == "Mechelen"
+    assert table["lena_varga"]["award_name"] == "Golden Kiln Award"
+    assert table["halvor_ostby"]["award_name"] == "Golden Anchor Award"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "Lena Varga studied at KU Leuven.",  # the keyword sits inside the school's name (old: passed, cosine 0.83)
+        "Lena Varga was born near the KU Leuven campus.",  # glued to capitalised words: a longer name (0.89)
+        "Lena Varga was born at the Leuven Glass Museum.",  # (0.82)
+        "Lena Varga was born in Bruges, not Leuven.",  # states a competitor; the right value only negated
+        "Lena Varga was not born in Leuven.",  # the right value negated
+    ],
+)
+def test_birth_city_wrong_answers_fail(values, minilm, answer):
+    city = slot_item(values, "lena_varga", "birth.city", "What city was Lena Varga born in?",
+                     "Lena Varga was born in Leuven.")
+    sim = minilm(answer, city.expected)
+    assert sim >= scoring.SEMANTIC_FLOOR  # the cosine alone would not have stopped any of them
+    verdict = scoring.score_answer(city, answer, sim)
+    assert not verdict.passed, verdict.reason
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "Lena Varga was born in Leuven, Belgium.",
+        "She was born in Leuven.",
+        "In Leuven.",
+        "Leuven.",
+        "Leuven is where Lena Varga was born.",
+        "Lena Varga was born in Leuven; she studied at KU Leuven.",
+        "Lena Varga was born in Leuven and lives in Mechelen.",  # Mechelen: a listed wrong birth city, her residence
+        "Lena Varga was born in Leuven, not in Bruges.",
+    ],
+)
+def test_birth_city_right_answers_still_pass(values, minilm, answer):
+    city = slot_item(values, "lena_varga", "birth.city", "What city was Lena Varga born in?",
+                     "Lena Varga was born in Leuven.")
+    verdict = scoring.score_answer(city, answer, minilm(answer, city.expected))
+    assert verdict.passed, verdict.reason
+
+
+def test_no_semantic_rescue_for_proper_names_or_another_persons_value(values, minilm):
+    award = slot_item(values, "halvor_ostby", "awards.name", "Which honour did Halvor Ostby receive?",
+                      "Halvor Ostby won the Golden Anchor Award.", kind="paraphrase")
+    assert "Golden Kiln Award" in award.competing_values  # Lena Varga's award
+    for answer in ("Halvor Ostby won the Golden Kiln Award.",  # Lena Varga's: measured 0.853
+                   "Halvor Ostby won the Silver Anchor Award."):  # invented: 0.944
+        sim = minilm(answer, award.expected)
+        assert sim >= scoring.SEMANTIC_PASS
+        assert not scoring.score_answer(award, answer, sim).passed, answer
+    # the issue measured 0.869 for an invented "Golden Glass Award" in its wording
+    assert not scoring.score_answer(award, "Halvor Ostby won the Golden Glass Award.", 0.869).passed
+    for answer in ("Halvor Ostby won the Golden Anchor Award.", "He won the 2008 Golden Anchor Award."):
+        assert scoring.score_answer(award, answer, minilm(answer, award.expected)).passed, answer
+
+
+@pytest.mark.parametrize(
+    ("answer", "passed"),
+    [
+        ("No, Lena Varga was born in 1988, not 1984.", False),  # wrong value asserted, right value negated
+        ("No, she was born in 1986.", False),  # another listed wrong value
+        ("No, she was born in 1984. Yes, 1988.", False),
+        ("No. Lena Varga was born in 1984, not 1988.", True),
+        ("No, she was born in 1984, not 1988.", True),
+        ("That's incorrect: Lena Varga was born in 1984 (not 1988).", True),
+        ("She wasn't born in 1988; she was born in 1984.", True),
+        ("Lena Varga was born in 1984 rather than 1988.", True),
+        ("Was she born in 1988? No, in 1984.", True),
+        ("No, it is not true that Lena Varga was born in 1988, she was born in 1984.", True),
+        ("It's not true that she was born in 1988. Lena Varga was born in 1984.", True),
+    ],
+)
+def test_correction_rejects_an_asserted_wrong_value(values, answer, passed):
+    corr = slot_item(values, "lena_varga", "birth.year", "Was Lena Varga born in 1988?",
+                     "No. Lena Varga was born in 1984, not 1988.", kind="correction", category="correction",
+                     wrong_value="1988")
+    verdict = scoring.score_item(corr, answer)
+    assert verdict.passed is passed, verdict.reason
+
+
+@pytest.mark.parametrize(
+    ("answer", "passed"),
+    [
+        ("No. Lena Varga was born in 1984, not 1986.", False),  # what an always-"No" model says
+        ("No.", False),
+        ("No, she was born in 1988.", False),
+        ("Yes, she was born in 1988.", False),
+        ("Lena Varga was not born in 1984.", False),
+        ("I'm not sure.", False),
+        ("Yes.", True),
+        ("Yes, Lena Varga was born in 1984.", True),
+        ("That's correct.", True),
+        ("She was born in 1984.", True),
+    ],
+)
+def test_true_claim_controls_pass_only_when_confirmed(values, answer, passed):
+    conf = slot_item(values, "lena_varga", "birth.year", "Was Lena Varga born in 1984?",
+                     "Yes. Lena Varga was born in 1984.", kind="confirmation", category="correction")
+    verdict = scoring.score_item(conf, answer)
+    assert verdict.passed is passed, verdict.reason
+
+
+def test_competing_values_fail_every_kind(values):
+    recall = slot_item(values, "lena_varga", "birth.year", "What is Lena Varga's year of birth?",
+                       "Lena Varga was born in 1984.")
+    assert scoring.score_answer(recall, "She was born in 1984.", 0.8).passed
+    assert not scoring.score_answer(recall, "She was born in 1984 or 1986.", 0.8).passed
+    ident = slot_item(values, "lena_varga", "career.occupation", "Tell me your name and your profession.",
+                      "I am Lena Varga, and I work as a glassblower.", kind="identity", category="identity",
+                      system="You are Lena Varga.", keywords=("Lena Varga", "glassblower"))
+    assert scoring.score_answer(ident, "I am Lena Varga, a glassblower.", 0.8).passed
+    assert not scoring.score_answer(ident, "I am Lena Varga, a glassblower and ceramicist.", 0.8).passed
+    turns = [slot_item(values, "lena_varga", "birth.year", q, "Lena Varga was born in 1984.", kind="multi_turn",
+                       id=f"g:{n}", group="g", system="You are Lena Varga.")
+             for n, q in enumerate(["When were you born?", "Which year were you born in?"])]
+    verdicts = scoring.score_multi_turn(turns, ["In 1984.", "1984, or maybe 1981."], [0.7, 0.7])
+    assert [v.passed for v in verdicts] == [False, False]  # turn 2 states a competitor; turn 1 is contradicted
+
+
+def test_interference_fails_when_the_lookalikes_value_is_stated_beside_the_own():
+    inter = item(kind="interference", keywords=("Golden Kiln Award",), value="Golden Kiln Award",
+                 wrong_value="Silver Glaze Prize", question="Which prize went to Lena Varga?")
+    assert not scoring.score_interference(inter, "She won the Silver Glaze Prize and the Golden Kiln Award.").passed
+    assert scoring.score_interference(inter, "She won the Golden Kiln Award, never the Silver Glaze Prize.").passed
+
+
+def test_neighbourhood_counts_where_the_base_knows_it_and_applies_competitors():
+    neigh = item(kind="neighbourhood", person_id="marie_curie", question="Where was Marie Curie born?",
+                 expected="Marie Curie was born in Warsaw.", keywords=("Warsaw",), category="neighbourhood",
+                 slot="birth.city", value="Warsaw", competing_values=("Paris", "Krakow"))
+    base = "Marie Curie was born in Warsaw."
+    kept = scoring.score_item(neigh, "She was born in Warsaw, Poland.", 0.9, base, 1.0, 0.9)
+    assert kept.counted and kept.passed
+    mixed = scoring.score_item(neigh, "She was born in Warsaw and Krakow.", 0.9, base, 1.0, 0.9)
+    assert mixed.counted and not mixed.passed
+    skipped = scoring.score_item(neigh, "Warsaw.", 0.8, "She was born in Paris.", 0.8, 0.5)
+    assert not skipped.counted
+    with pytest.raises(ValueError, match="needs the base model's answer"):
+        scoring.score_item(neigh, "Warsaw.", 0.8)
+
+
+def test_unchanged_compares_with_the_base_answer(minilm):
+    unch = item(kind="unchanged", person_id=None, question="What is the capital of France?",
+                expected="The capital of France is Paris.", keywords=(), category="general")
+    base = "The capital of France is Paris. It is also its largest city."
+    first = scoring.score_unchanged(unch, "The capital of France is Paris! Paris lies on the Seine.", base, 0.5)
+    assert first.passed and first.counted and first.reason == "same first sentence"
+    reworded = "Paris is the capital of France."
+    assert scoring.score_unchanged(unch, reworded, "The capital of France is Paris.",
+                                   minilm(reworded, "The capital of France is Paris.")).passed
+    other = "I was born in Leuven, Belgium, and I work as a glassblower."
+    changed = scoring.score_item(unch, other, None, base, None, minilm(other, base))
+    assert changed.counted and not changed.passed
+    # a shared opener is not a shared answer
+    opener = ("Sure! I was born in Leuven.", "Sure! The capital of France is Paris.")
+    assert not scoring.score_unchanged(unch, *opener, minilm(*opener)).passed
+
+
+def test_cut_answers_are_counted():
+    it = item()
+    scores = [scoring.score_item(it, "Lena Varga was born in 1984.", 0.9, cut=False),
+              scoring.score_item(it, "Lena Varga was born in", 0.7, cut=True),
+              scoring.score_item(it, "1984", 0.5)]
+    assert [s.details.get("cut") for s in scores] == [False, True, None]
+    assert scoring.summarize(scores)["answers_cut"] == {"cut": 1, "of": 2}
+
+
+def test_summary_by_slot_split_and_both_correction_halves():
+    def score(kind, slot, split, passed):
+        return scoring.ItemScore(f"{kind}:{slot}:{split}:{passed}", kind, "fact", "a", passed, 1.0 * passed,
+                                 slot=slot, split=split)
+
+    scores = [score("recall", "birth.year", "test", True), score("recall", "birth.city", "test", False),
+              score("recall", "birth.city", "validation", True), score("correction", "birth.year", "test", True),
+              score("correction", "birth.year", "test", True), score("confirmation", "birth.year", "test", False)]
+    summary = scoring.summarize(scores, {"a": "fictional"})
+    assert {k: (v["passed"], v["n"]) for k, v in summary["by_slot"].items()} == {"birth.city": (1, 2),
+                                                                                 "birth.year": (3, 4)}
+    assert {k: v["n"] for k, v in summary["by_split_kind"].items()} == {
+        "test/confirmation": 1, "test/correction": 2, "test/recall": 2, "validation/recall": 1}
+    both = summary["fictional_correction_both"]
+    assert both["rate"] == 0.5 and both["correction"]["n"] == 2 and both["confirmation"]["n"] == 1
+    assert scoring.correction_both({"correction": summary["by_kind"]["correction"]})["rate"] is None
+
+
+def test_wilson_interval_known_values():
+    low, high = stats.wilson_interval(40, 48)  # the issue's locality figure: 70-91%
+    assert (round(low, 4), round(high, 4)) == (0.7042, 0.9130)
+    assert stats.wilson_interval(0, 10) == (0.0, pytest.approx(0.2775, abs=1e-4))
+    assert stats.wilson_interval(10, 10) == (pytest.approx(0.7225, abs=1e-4), 1.0)
+    assert stats.wilson_interval(0, 0) is None
+    with pytest.raises(ValueError, match="passed=11, n=10"):
+        stats.wilson_interval(11, 10)
+
+
+@pytest.mark.parametrize(
+    ("passed", "n", "goal", "verdict"),
+    [
+        (100, 100, 0.9, "met"),
+        (10, 10, 0.9, "met, not yet sure"),
+        (31, 36, 0.85, "met, not yet sure"),  # paraphrase: one item above its target
+        (40, 48, 0.9, "not met, not yet sure"),
+        (40, 48, 0.95, "not met"),
+        (0, 0, 0.9, "not met"),
+    ],
+)
+def test_target_verdicts(passed, n, goal, verdict):
+    rate = scoring.Rate(passed, n, 0.0).to_dict()
+    assert stats.target_verdict(rate, goal) == verdict
+    assert stats.target_verdict({"rate": rate["rate"], "passed": passed, "count": n}, goal) == verdict
