@@ -88,7 +88,7 @@ def test_benchmark_scores_and_leaderboard_materialize(sleeptrain_env: Path):
     for system in ("adapter", "base", "retrieval"):
         assert set(run["breakdown"]["slot"][system]) == {i["slot"] for i in asked}
         assert set(run["breakdown"]["person"][system]) == {i["person_id"] for i in asked}
-    assert adapter["cut_at_budget"]["answers"] > 0 and 0 <= adapter["cut_at_budget"]["cut"] <= adapter["cut_at_budget"]["answers"]
+    assert adapter["answers_cut"]["of"] > 0 and 0 <= adapter["answers_cut"]["cut"] <= adapter["answers_cut"]["of"]
     assert {(r["benchmark"], r["system"]) for r in run["external"]} == {
         (b, s) for b in ("TRACE", "MemoryBench", "BABILong", "InfiniteBench") for s in ("adapter", "base")}
 

@@ -152,10 +152,10 @@ def benchmark_scores(
 
     texts = eval_suite.texts_to_embed(plan, answers)
     vectors = dict(zip(texts, embedder.embed(texts), strict=True))
-    scores = eval_suite.score_plan(plan, answers, vectors)
-    items_by_id = {item.id: item for item in plan.items()}
     budget = profile.max_new_tokens
     cut = {system: _cut_at_budget(base_model, given, budget) for system, given in answers.items()}
+    scores = eval_suite.score_plan(plan, answers, vectors, cuts=cut)
+    items_by_id = {item.id: item for item in plan.items()}
     kinds = {pid: p.kind for pid, p in people_profiles.items()}
     systems = {}
     for system, system_scores in scores.items():
@@ -164,8 +164,7 @@ def benchmark_scores(
         systems[system] = {**scoring.summarize(split_scores["test"], kinds),
                            "validation": scoring.summarize(split_scores["validation"], kinds),
                            "extras": eval_suite.extras(split_scores["test"]), "seconds": seconds[system],
-                           "cut_at_budget": {"answers": len(cut[system]), "cut": sum(cut[system].values()),
-                                             "max_new_tokens": budget}}
+                           "max_new_tokens": budget}
     breakdown = {
         "slot": {s: eval_suite.fact_breakdown(eval_suite.by_split(v, items_by_id)["test"], items_by_id, "slot")
                  for s, v in scores.items()},
@@ -229,7 +228,7 @@ def benchmark_scores(
             "per_slot": dg.MetadataValue.md(leaderboard_report.breakdown_markdown(breakdown["slot"], "slot")),
             "per_person": dg.MetadataValue.md(leaderboard_report.breakdown_markdown(breakdown["person"], "person")),
             "targets": dg.MetadataValue.md(leaderboard_report.targets_markdown(targets)),
-            "cut_at_budget": dg.MetadataValue.json({s: v["cut_at_budget"] for s, v in systems.items()}),
+            "answers_cut_at_budget": dg.MetadataValue.json({s: v["answers_cut"] for s, v in systems.items()}),
             "targets_met": sum(t["met"] for t in targets),
             "items": dg.MetadataValue.json(plan.counts()),
             "seconds": dg.MetadataValue.json(seconds),

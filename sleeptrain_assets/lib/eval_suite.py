@@ -22,6 +22,7 @@ from sleeptrain_assets.lib.scoring import (
     contains_phrase,
     cosine,
     normalise,
+    BASE_RELATIVE_KINDS,
     score_item,
     score_multi_turn,
 )
@@ -30,9 +31,6 @@ GENERAL_KNOWLEDGE_FILE = "general_knowledge.yaml"
 UNKNOWN_PEOPLE_FILE = "unknown_people.yaml"
 MULTI_TURN_TURNS = 6
 FACT_KINDS = ("recall", "paraphrase")
-# Kinds scored against the base model's own answer: it must be right there (locality, neighbourhood) or the
-# adapter must say the same (unchanged).
-BASE_REFERENCED_KINDS = ("locality", "unchanged", "neighbourhood")
 HELD_OUT_KINDS = ("recall", "paraphrase", "correction", "confirmation", "identity")
 RETRIEVAL_NOTE = "Facts you remember:\n{facts}\nUse them when they answer the question."
 
@@ -514,8 +512,10 @@ def score_plan(
     answers: Mapping[str, Mapping[str, str]],
     vectors: Mapping[str, Any],
     reference: str = "base",
+    cuts: Mapping[str, Mapping[str, bool]] | None = None,
 ) -> dict[str, list[ItemScore]]:
-    """Scores per system; locality compares each system with the `reference` system's answers."""
+    """Scores per system; locality, unchanged and neighbourhood compare each system with the `reference`
+    system's answers. `cuts`: per system, item id -> whether the answer stopped at the token budget."""
     def sim(a: str | None, b: str | None) -> float | None:
         if not a or not b:
             return None if not b else 0.0
@@ -524,20 +524,23 @@ def score_plan(
     base_answers = answers.get(reference, {})
     out: dict[str, list[ItemScore]] = {}
     for system, given in answers.items():
+        cut = (cuts or {}).get(system, {})
         scores = []
         for item in plan.single:
             answer = given[item.id]
-            if item.kind in BASE_REFERENCED_KINDS:
+            if item.kind in BASE_RELATIVE_KINDS:
                 base = base_answers.get(item.id)
                 if base is None:
-                    raise KeyError(f"locality item {item.id!r} has no {reference!r} answer to compare with")
+                    raise KeyError(f"{item.kind} item {item.id!r} has no {reference!r} answer to compare with")
                 scores.append(score_item(item, answer, sim(answer, item.expected), base, sim(base, item.expected),
-                                         sim(answer, base)))
+                                         sim(answer, base), cut=cut.get(item.id)))
             else:
-                scores.append(score_item(item, answer, sim(answer, item.expected)))
+                scores.append(score_item(item, answer, sim(answer, item.expected), cut=cut.get(item.id)))
         for group in plan.groups:
             turn_answers = [given[item.id] for item in group]
-            scores += score_multi_turn(group, turn_answers, [sim(a, i.expected) for a, i in zip(turn_answers, group, strict=True)])
+            scores += score_multi_turn(group, turn_answers,
+                                       [sim(a, i.expected) for a, i in zip(turn_answers, group, strict=True)],
+                                       cuts=[cut.get(item.id) for item in group])
         out[system] = scores
     return out
 
