@@ -228,7 +228,12 @@ def _worker_error(context: dg.AssetExecutionContext) -> str | None:
         data = event.engine_event_data if event else None
         if (event and event.step_key == step_key and data and data.error
                 and "closed with exception" in (event.message or "")):
-            return data.error.message.strip()
+            error = data.error
+            # The message starts with the exception's dotted path; its class name is enough.
+            prefix = f"{error.cls_name}: " if error.cls_name else ""
+            text = error.message.strip()
+            return prefix + text.split(": ", 1)[1] if prefix and text.split(": ", 1)[0].endswith(
+                str(error.cls_name)) else text
     return None
 
 
