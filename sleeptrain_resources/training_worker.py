@@ -204,7 +204,7 @@ def _checked_result(invocation: Any, output_dir: Path) -> TrainResult:
             f"{weights}: sha256 {actual[:12]} (manifest {str(manifest.get('adapter_sha256'))[:12]}) differs from "
             f"the {version[:12]} the worker reported; nothing registered"
         )
-    runtime = reported[0].metadata.get("trained_on")
+    runtime = (reported[0].metadata or {}).get("trained_on")
     return result_from_manifest(output_dir, manifest, runtime.value if runtime is not None else {})
 
 

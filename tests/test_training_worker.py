@@ -172,3 +172,29 @@ def test_worker_started_outside_pipes_exits_with_a_clear_message() -> None:
     done = subprocess.run([sys.executable, "-m", "sleeptrain_resources.training_worker"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "started outside Dagster Pipes" in done.stderr
+
+
+class _CompletedWorker:
+    """What a Pipes client hands back after the worker exited 0: the results the worker reported."""
+
+    def __init__(self, *results: dg.MaterializeResult) -> None:
+        self.results = results
+
+    def get_results(self, *, implicit_materializations: bool = True) -> tuple[dg.MaterializeResult, ...]:
+        return self.results
+
+
+def test_an_adapter_that_differs_from_the_workers_report_is_refused(tmp_path: Path) -> None:
+    from sleeptrain_resources.trainer import TrainingFailed
+    from sleeptrain_resources.training_worker import _checked_result
+
+    training_set = build_training_set(qa_pairs()[:4], replay_share=0.0, seed=3)
+    folder = tmp_path / "adapter"
+    sha = LoraTrainer().train(training_set, BaseModel(), folder, overrides={"max_steps": 1}).adapter_sha256
+    other = "0" * 64  # e.g. a stale folder on a volume the worker does not share
+    with pytest.raises(TrainingFailed, match=f"{sha[:12]} .* differs from the {other[:12]} the worker reported"):
+        _checked_result(_CompletedWorker(dg.MaterializeResult(data_version=dg.DataVersion(other))), folder)
+    with pytest.raises(TrainingFailed, match="exited without reporting an adapter"):
+        _checked_result(_CompletedWorker(), folder)
+    with pytest.raises(TrainingFailed, match="this machine sees no adapter_model.safetensors"):
+        _checked_result(_CompletedWorker(dg.MaterializeResult(data_version=dg.DataVersion(sha))), tmp_path / "gone")
