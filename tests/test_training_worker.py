@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -135,6 +138,35 @@ def test_worker_stopped_by_its_nan_guard_fails_the_step_with_its_message_and_reg
     error = _step_error(failed)
     assert "training worker failed: TrainingFailed: non-finite loss nan at step 1" in error, error
     assert not failed.asset_materializations_for_node("lora_adapter")
+    assert _staging_leftovers() == []
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_training_fails_the_step_and_registers_nothing() -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    killed: list[int] = []
+
+    def kill_worker_once_it_trains() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            for run in instance.get_runs():
+                lines = _log_lines(instance, run.run_id)
+                pid = next((int(line.split()[3]) for line in lines if line.startswith("training worker pid ")), None)
+                if pid and any(line.startswith("step ") for line in lines):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_worker_once_it_trains, daemon=True)
+    killer.start()
+    registry = AdapterRegistry()
+    result = _materialize(_people_memories("lena_varga"), LoraTrainer(launcher="pipes_subprocess"), registry, instance,
+                          LoraConfig(max_steps=20, replay_max_new_tokens=24, early_stop_patience=0))
+    killer.join(timeout=5)
+    assert killed and not result.success
+    assert "training worker failed: External execution process failed with code -9 (killed by SIGKILL)" in \
+        _step_error(result)
+    assert registry.versions() == [] and registry.current() is None
     assert _staging_leftovers() == []
 
 
