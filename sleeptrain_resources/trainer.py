@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import dagster as dg
 from pydantic import Field
@@ -39,6 +39,8 @@ MANIFEST = "manifest.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 WORKER_MODULE = "sleeptrain_resources.training_worker"
+Launcher = Literal["in_process", "pipes_subprocess"]
+LAUNCHERS: tuple[str, ...] = get_args(Launcher)
 _CODE_FILES = (
     Path(__file__),
     Path(__file__).with_name("llm.py"),
@@ -273,7 +275,7 @@ def answer_loss(causal_lm: Any, batch: _Batch) -> Any:
 class LoraTrainer(dg.ConfigurableResource):
     """Trains a PEFT LoRA adapter on a TrainingSet (loss on answers only) and writes it atomically."""
 
-    launcher: Literal["in_process", "pipes_subprocess"] = Field(
+    launcher: Launcher = Field(
         "in_process",
         description="where `train_for_asset` trains: in the step's process, or in a Dagster Pipes worker process "
         "(`python -m sleeptrain_resources.training_worker`)",
@@ -364,8 +366,8 @@ class LoraTrainer(dg.ConfigurableResource):
     ) -> TrainResult:
         """Train for a Dagster step with the configured `launcher`, logging progress to the step's log.
 
-        Either way the adapter lands in `output_dir` and the result is the same; a failed run raises
-        TrainingFailed with the reason and leaves nothing in `output_dir`.
+        Either way the adapter lands in `output_dir` and the result is the same. A failed run raises (a guard or
+        a failed worker: TrainingFailed with the reason) and leaves nothing in `output_dir`.
         """
         hp = self.hyperparams(**dict(overrides or {}))
         if self.launcher == "in_process":
@@ -389,9 +391,6 @@ class LoraTrainer(dg.ConfigurableResource):
         return dg.PipesSubprocessClient().run(
             context=context, command=[sys.executable, "-m", WORKER_MODULE], extras=dict(extras)
         )
-
-
-LAUNCHERS = ("in_process", "pipes_subprocess")
 
 
 def trainer_from_env() -> LoraTrainer:

@@ -120,8 +120,9 @@ def read_job(path: Path, sha256: str) -> TrainingJob:
         job = json.loads(raw)
     except ValueError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(job, dict) or job.get("format") != JOB_FORMAT:
-        raise ValueError(f"{path}: format must be {JOB_FORMAT!r}, got {job.get('format') if isinstance(job, dict) else job!r}")
+    found = job.get("format") if isinstance(job, dict) else job
+    if found != JOB_FORMAT:
+        raise ValueError(f"{path}: field 'format' must be {JOB_FORMAT!r}, got {found!r:.80}")
 
     def field(name: str, kind: type) -> Any:
         value = job.get(name)
@@ -187,7 +188,8 @@ def train_in_worker(
 
 
 def _checked_result(invocation: Any, output_dir: Path) -> TrainResult:
-    reported = [r for r in invocation.get_results(implicit_materializations=False) if isinstance(r, dg.MaterializeResult)]
+    results = invocation.get_results(implicit_materializations=False)
+    reported = [r for r in results if isinstance(r, dg.MaterializeResult)]
     if len(reported) != 1 or reported[0].data_version is None:
         raise TrainingFailed("training worker exited without reporting an adapter; nothing registered")
     version = reported[0].data_version.value
@@ -212,9 +214,14 @@ def _failure_message(context: dg.AssetExecutionContext, exc: Exception) -> str:
     reason = str(exc)
     code = re.search(r"failed with code (-\d+)", reason)
     if code:
-        reason += f" (killed by {signal.Signals(-int(code.group(1))).name})"
+        try:
+            reason += f" (killed by {signal.Signals(-int(code.group(1))).name})"
+        except ValueError:
+            pass
     worker = _worker_error(context)
-    return f"training worker failed: {worker + ' (' + reason + ')' if worker else reason}; nothing registered"
+    if worker:
+        reason = f"{worker} ({reason})"
+    return f"training worker failed: {reason}; nothing registered"
 
 
 def _worker_error(context: dg.AssetExecutionContext) -> str | None:
@@ -229,11 +236,10 @@ def _worker_error(context: dg.AssetExecutionContext) -> str | None:
         if (event and event.step_key == step_key and data and data.error
                 and "closed with exception" in (event.message or "")):
             error = data.error
-            # The message starts with the exception's dotted path; its class name is enough.
-            prefix = f"{error.cls_name}: " if error.cls_name else ""
             text = error.message.strip()
-            return prefix + text.split(": ", 1)[1] if prefix and text.split(": ", 1)[0].endswith(
-                str(error.cls_name)) else text
+            # The message starts with the exception's dotted path; its class name is enough.
+            path, _, rest = text.partition(": ")
+            return f"{error.cls_name}: {rest}" if error.cls_name and rest and path.endswith(error.cls_name) else text
     return None
 
 

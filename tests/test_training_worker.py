@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -188,6 +189,9 @@ def test_job_file_round_trips_and_a_changed_job_is_refused(tmp_path: Path) -> No
     job_file.write_text(changed)
     with pytest.raises(ValueError, match=r"adapter-x\.job\.json: the training job's sha256 differs"):
         read_job(job_file, digest)
+    job_file.write_text(json.dumps({"format": "sleeptrain-training-job/0"}))
+    with pytest.raises(ValueError, match=r"adapter-x\.job\.json: field 'format' must be 'sleeptrain-training-job/1'"):
+        read_job(job_file, hashlib.sha256(job_file.read_bytes()).hexdigest())
 
 
 def test_launcher_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
