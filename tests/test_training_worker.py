@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -234,3 +235,35 @@ def test_an_adapter_that_differs_from_the_workers_report_is_refused(tmp_path: Pa
         _checked_result(_CompletedWorker(), folder)
     with pytest.raises(TrainingFailed, match="this machine sees no adapter_model.safetensors"):
         _checked_result(_CompletedWorker(dg.MaterializeResult(data_version=dg.DataVersion(sha))), tmp_path / "gone")
+
+
+class _PipesSession:
+    """The part of a dagster_pipes context the worker uses: extras in, log and reports out."""
+
+    def __init__(self, **extras: str) -> None:
+        self.extras = extras
+        self.log = logging.getLogger("training-worker-test")
+        self.reported: list[dict] = []
+
+    def get_extra(self, key: str) -> str:
+        return self.extras[key]
+
+    def report_asset_materialization(self, **report) -> None:
+        self.reported.append(report)
+
+
+def test_worker_refuses_a_base_model_other_than_the_one_planned_with() -> None:
+    from sleeptrain_resources.training_worker import run_job
+
+    staging = settings.state_subdir("staging")
+    job_file, out = staging / "adapter-y.job.json", staging / "adapter-y"
+    training_set = build_training_set(qa_pairs()[:4], replay_share=0.0, seed=3)
+    write_job(job_file, training_set, BaseModel(), LoraTrainer().hyperparams(max_steps=1), out, None, None)
+    job = json.loads(job_file.read_text())
+    job["base_model"]["sha256"] = "f" * 64  # planned with other weights than the worker finds at that path
+    job_file.write_text(json.dumps(job))
+    pipes = _PipesSession(job=portable(job_file), job_sha256=hashlib.sha256(job_file.read_bytes()).hexdigest(),
+                          launcher="pipes_subprocess")
+    with pytest.raises(ValueError, match="has sha256 .* on this machine, the orchestrator planned with ffffffffffff"):
+        run_job(pipes)
+    assert not out.exists() and pipes.reported == []
