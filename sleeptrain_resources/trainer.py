@@ -17,6 +17,8 @@ import math
 import os
 import random
 import shutil
+import socket
+import sys
 import tempfile
 import time
 import warnings
@@ -24,9 +26,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import dagster as dg
+from pydantic import Field
 
 from sleeptrain_assets.lib.training_data import NEW, TrainingExample, TrainingSet, data_hash
 from sleeptrain_resources.llm import BaseModel, encode_answer, file_sha256
@@ -35,6 +38,9 @@ ALL_LINEAR = "all-linear"
 MANIFEST = "manifest.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+WORKER_MODULE = "sleeptrain_resources.training_worker"
+Launcher = Literal["in_process", "pipes_subprocess"]
+LAUNCHERS: tuple[str, ...] = get_args(Launcher)
 _CODE_FILES = (
     Path(__file__),
     Path(__file__).with_name("llm.py"),
@@ -118,6 +124,7 @@ class TrainResult:
     dropped_too_long: int
     hyperparameters: dict[str, Any]
     manifest: dict[str, Any]
+    trained_on: dict[str, Any] = field(default_factory=dict)  # launcher, host, pid, device, threads, torch
 
     @property
     def initial_loss(self) -> float:
@@ -268,6 +275,11 @@ def answer_loss(causal_lm: Any, batch: _Batch) -> Any:
 class LoraTrainer(dg.ConfigurableResource):
     """Trains a PEFT LoRA adapter on a TrainingSet (loss on answers only) and writes it atomically."""
 
+    launcher: Launcher = Field(
+        "in_process",
+        description="where `train_for_asset` trains: in the step's process, or in a Dagster Pipes worker process "
+        "(`python -m sleeptrain_resources.training_worker`)",
+    )
     # Mirrors Hyperparams: the resource is the configurable face, Hyperparams the frozen record in manifests.
     rank: int = 16
     alpha: int = 32
@@ -338,27 +350,111 @@ class LoraTrainer(dg.ConfigurableResource):
             "initialized_from": run.init_info,
             **dict(extra_manifest or {}),
         }
-        adapter_sha = _write_adapter(run.model, output_dir, manifest)
-        return TrainResult(
-            adapter_dir=output_dir,
-            adapter_sha256=adapter_sha,
-            steps=metrics["steps"],
-            stopped=metrics["stopped"],
-            weights_from_step=metrics["weights_from_step"],
-            loss_curve=metrics["loss_curve"],
-            probe_curve=[tuple(p) for p in metrics["probe_curve"]],
-            tokens=metrics["tokens"],
-            answer_tokens=metrics["answer_tokens"],
-            padding_tokens=metrics["padding_tokens"],
-            seconds=metrics["seconds"],
-            tokens_per_s=metrics["tokens_per_s"],
-            trainable_params=metrics["trainable_params"],
-            total_params=metrics["total_params"],
-            examples=len(examples),
-            dropped_too_long=metrics["dropped_too_long"],
-            hyperparameters=asdict(hp),
-            manifest=manifest,
+        _write_adapter(run.model, output_dir, manifest)
+        return result_from_manifest(output_dir, manifest, trained_on("in_process", metrics))
+
+    def train_for_asset(
+        self,
+        context: dg.AssetExecutionContext,
+        training_set: TrainingSet,
+        base_model: BaseModel,
+        output_dir: str | Path,
+        *,
+        init_adapter: str | Path | None = None,
+        extra_manifest: Mapping[str, Any] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> TrainResult:
+        """Train for a Dagster step with the configured `launcher`, logging progress to the step's log.
+
+        Either way the adapter lands in `output_dir` and the result is the same. A failed run raises (a guard or
+        a failed worker: TrainingFailed with the reason) and leaves nothing in `output_dir`.
+        """
+        hp = self.hyperparams(**dict(overrides or {}))
+        if self.launcher == "in_process":
+            return self.train(
+                training_set, base_model, output_dir, init_adapter=init_adapter, extra_manifest=extra_manifest,
+                on_step=step_logger(context.log, hp.max_steps), overrides=asdict(hp),
+            )
+        from sleeptrain_resources.training_worker import train_in_worker
+
+        return train_in_worker(
+            self, context, training_set, base_model, Path(output_dir), hp,
+            init_adapter=init_adapter, extra_manifest=extra_manifest,
         )
+
+    def run_worker(self, context: dg.AssetExecutionContext, extras: Mapping[str, Any]) -> Any:
+        """Run the training worker under Dagster Pipes and wait for it; returns the completed invocation.
+
+        This runs it as a local subprocess. To run the same worker on another machine, override this with
+        another Pipes client, e.g. `PipesK8sClient` for a GPU pod (docs/GPU.md).
+        """
+        return dg.PipesSubprocessClient().run(
+            context=context, command=[sys.executable, "-m", WORKER_MODULE], extras=dict(extras)
+        )
+
+
+def trainer_from_env() -> LoraTrainer:
+    """The trainer with the launcher named by SLEEPTRAIN_TRAINER_LAUNCHER (default in_process)."""
+    launcher = os.environ.get("SLEEPTRAIN_TRAINER_LAUNCHER", "").strip() or "in_process"
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"SLEEPTRAIN_TRAINER_LAUNCHER={launcher!r}: use one of {', '.join(LAUNCHERS)}")
+    return LoraTrainer(launcher=launcher)
+
+
+def trained_on(launcher: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Where and how a run trained, for the materialization's metadata."""
+    import torch
+
+    return {
+        "launcher": launcher,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "device": metrics.get("device"),
+        "threads": metrics.get("threads"),
+        "torch": torch.__version__,
+    }
+
+
+def result_from_manifest(
+    adapter_dir: Path, manifest: Mapping[str, Any], runtime: Mapping[str, Any]
+) -> TrainResult:
+    """The TrainResult of a written adapter folder, from the metrics its manifest records."""
+    metrics = manifest["metrics"]
+    return TrainResult(
+        adapter_dir=Path(adapter_dir),
+        adapter_sha256=manifest["adapter_sha256"],
+        steps=metrics["steps"],
+        stopped=metrics["stopped"],
+        weights_from_step=metrics["weights_from_step"],
+        loss_curve=list(metrics["loss_curve"]),
+        probe_curve=[tuple(p) for p in metrics["probe_curve"]],
+        tokens=metrics["tokens"],
+        answer_tokens=metrics["answer_tokens"],
+        padding_tokens=metrics["padding_tokens"],
+        seconds=metrics["seconds"],
+        tokens_per_s=metrics["tokens_per_s"],
+        trainable_params=metrics["trainable_params"],
+        total_params=metrics["total_params"],
+        examples=manifest["training_data"]["examples"],
+        dropped_too_long=metrics["dropped_too_long"],
+        hyperparameters=dict(manifest["hyperparameters"]),
+        manifest=dict(manifest),
+        trained_on=dict(runtime),
+    )
+
+
+def step_logger(log: Any, max_steps: int) -> Callable[[StepInfo], None]:
+    """An on_step callback that logs loss, gradient norm and learning rate about ten times per run."""
+    every = max(1, max_steps // 10)
+
+    def log_step(step: StepInfo) -> None:
+        if step.step % every == 0 or step.step == max_steps:
+            log.info(
+                f"step {step.step}/{max_steps} loss {step.loss:.4f} grad {step.grad_norm:.3f} "
+                f"lr {step.learning_rate:.2e}"
+            )
+
+    return log_step
 
 
 class _Run:

@@ -9,7 +9,7 @@ from sleeptrain_resources.llm import BaseModel
 from sleeptrain_resources.memory_store import memory_store_from_env
 from sleeptrain_resources.registry import AdapterRegistry
 from sleeptrain_resources.tracking import Tracker
-from sleeptrain_resources.trainer import LoraTrainer
+from sleeptrain_resources.trainer import trainer_from_env
 
 
 @dg.definitions
@@ -22,7 +22,7 @@ def resources() -> dg.Definitions:
             "embedder": Embedder(),
             "memory_store": memory_store_from_env(),
             "base_model": BaseModel(model_path=os.environ.get("SLEEPTRAIN_BASE_MODEL", "")),
-            "trainer": LoraTrainer(),
+            "trainer": trainer_from_env(),
             "registry": AdapterRegistry(),
             "tracker": Tracker(),
         }

@@ -159,13 +159,8 @@ def lora_adapter(
     staging = settings.state_subdir("staging")
     out_dir = staging / f"adapter-{context.run_id}"
     shutil.rmtree(out_dir, ignore_errors=True)
-    every = max(1, hp.max_steps // 10)
-
-    def progress(step: Any) -> None:
-        if step.step % every == 0 or step.step == hp.max_steps:
-            context.log.info(f"step {step.step}/{hp.max_steps} loss {step.loss:.4f} grad {step.grad_norm:.3f}")
-
-    result = trainer.train(
+    result = trainer.train_for_asset(
+        context,
         training_set,
         base_model,
         out_dir,
@@ -175,7 +170,6 @@ def lora_adapter(
             "previous_version": current if resume else None,
             "profile": profile.name,
         },
-        on_step=progress,
         overrides={k: getattr(hp, k) for k in hp.__dataclass_fields__},
     )
     try:
@@ -218,6 +212,7 @@ def lora_adapter(
             "hyperparameters": dg.MetadataValue.json(result.hyperparameters),
             "epochs": round(result.steps * hp.batch_size / len(training_set), 3),
             "continued_from": str(current) if resume else "base model",
+            "trained_on": dg.MetadataValue.json(result.trained_on),
         },
         data_version=dg.DataVersion(result.adapter_sha256),
     )

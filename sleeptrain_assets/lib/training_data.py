@@ -60,6 +60,17 @@ class TrainingExample:
             "category": self.category,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingExample:
+        """The inverse of `to_dict` (a training job sent to a worker carries its examples this way)."""
+        return cls(
+            messages=tuple((str(role), str(content)) for role, content in data["messages"]),
+            source=str(data["source"]),
+            person_id=data.get("person_id"),
+            fact=data.get("fact"),
+            category=data.get("category"),
+        )
+
 
 @dataclass(frozen=True)
 class TrainingSet:
