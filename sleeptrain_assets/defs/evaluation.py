@@ -72,10 +72,11 @@ def benchmark_scores(
     top_k = config.retrieval_top_k or profile.retrieval_top_k
     version = str(lora_adapter["version"])
     adapter_path = registry.resolve(lora_adapter.get("path") or version)
-    bench_dir = settings.data_dir() / "benchmarks"
-    locality = eval_suite.load_locality_items(bench_dir / eval_suite.GENERAL_KNOWLEDGE_FILE)
-    probes = eval_suite.load_hallucination_probes(bench_dir / eval_suite.UNKNOWN_PEOPLE_FILE, people_profiles)
-    replay_file = bench_dir / REPLAY_PROMPTS_FILE
+    bench_dir = settings.benchmark_path("paths.yaml").parent  # the external suites' paths resolve against it
+    locality = eval_suite.load_locality_items(settings.benchmark_path(eval_suite.GENERAL_KNOWLEDGE_FILE))
+    probes = eval_suite.load_hallucination_probes(settings.benchmark_path(eval_suite.UNKNOWN_PEOPLE_FILE),
+                                                  people_profiles)
+    replay_file = settings.benchmark_path(REPLAY_PROMPTS_FILE)
     if replay_file.is_file():
         shared = eval_suite.trained_overlap([*locality, *probes], load_replay_prompts(replay_file))
         if shared:

@@ -26,6 +26,7 @@ from sleeptrain_resources.trainer import Hyperparams, LoraTrainer, read_manifest
 
 GROUP = "training"
 REPLAY_PROMPTS_FILE = "replay_prompts.yaml"
+ADAPTER_IO_MANAGER = "adapter_io_manager"
 
 # What a Kubernetes deployment needs to put this step on a GPU node (dagster-k8s reads these op tags when the
 # k8s_job_executor or the celery-k8s executor launches the step's pod). Harmless elsewhere. See docs/GPU.md.
@@ -85,7 +86,8 @@ def _sparkline(values: list[float], width: int = 60) -> str:
     return "".join(bars[int((v - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for v in sampled)
 
 
-@dg.asset(group_name=GROUP, pool="gpu", op_tags=GPU_OP_TAGS)
+# The adapter_io_manager stores the version reference and shows the adapter folder as `path` in the UI.
+@dg.asset(group_name=GROUP, pool="gpu", op_tags=GPU_OP_TAGS, io_manager_key=ADAPTER_IO_MANAGER)
 def lora_adapter(
     context: dg.AssetExecutionContext,
     config: LoraConfig,
@@ -129,7 +131,8 @@ def lora_adapter(
         return dg.Output(
             {"version": current, "path": str(path), "adapter_sha256": manifest.get("adapter_sha256", ""),
              "base_model": base_model.model_id, "trained": False, "current": current},
-            metadata={"version": current, "trained": False, "reason": "no new memories"},
+            metadata={"version": current, "trained": False, "reason": "no new memories",
+                      "path": dg.MetadataValue.path(str(path))},
             data_version=dg.DataVersion(manifest.get("adapter_sha256") or current),
         )
 
@@ -139,7 +142,7 @@ def lora_adapter(
             f"lora_adapter: {len(new)} new memories but no template covers their slots; nothing to train on"
         )
     older_pairs = pair_importance(qa_pairs_for_memories(older, people_profiles, conversation_templates), older)
-    prompts = load_replay_prompts(settings.data_dir() / "benchmarks" / REPLAY_PROMPTS_FILE)
+    prompts = load_replay_prompts(settings.benchmark_path(REPLAY_PROMPTS_FILE))
     _, n_general = replay_counts(len(new_pairs), replay_share, len(older_pairs), len(prompts))
     chosen = pick_general_prompts(prompts, n_general, hp.seed)
     answers = base_model.generate(
