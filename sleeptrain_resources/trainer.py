@@ -17,6 +17,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -44,6 +45,39 @@ _CODE_FILES = (
 
 class TrainingFailed(RuntimeError):
     """The run was stopped by a guard; no adapter was written."""
+
+
+def owner_tag() -> str:
+    """`<pid>@<host>` of this process: who owns a temporary or staging folder."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def owner_alive(owner: str | None) -> bool | None:
+    """Whether the process an owner tag names still runs; None when that cannot be known from here (another
+    host, or no readable tag)."""
+    pid, _, host = str(owner or "").partition("@")
+    if not pid.isdigit() or host != socket.gethostname():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temp_adapters(folder: Path) -> list[Path]:
+    """Remove half-written `.<name>.tmp-<pid>@<host>-*` folders whose writer on this host no longer runs."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.glob(".*.tmp-*"):
+        owner = path.name.split(".tmp-", 1)[1].rsplit("-", 1)[0]
+        if path.is_dir() and owner_alive(owner) is False:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 @dataclass(frozen=True)
@@ -314,6 +348,7 @@ class LoraTrainer(dg.ConfigurableResource):
         output_dir = Path(output_dir)
         if output_dir.exists():
             raise FileExistsError(f"{output_dir}: adapter output folder already exists")
+        clean_stale_temp_adapters(output_dir.parent)
         examples = list(training_set.examples if isinstance(training_set, TrainingSet) else training_set)
         if not examples:
             raise ValueError("trainer.train: the training set is empty")
@@ -587,7 +622,8 @@ def _fsync_tree(folder: Path) -> None:
 def _write_adapter(peft_model: Any, output_dir: Path, manifest: dict[str, Any]) -> str:
     """Save into a temporary sibling, then rename into place: a crash leaves no half adapter behind."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    # The owner tag lets the next run on this host remove the folder if this process dies mid-write.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-{owner_tag()}-", dir=output_dir.parent))
     try:
         tmp.chmod(0o755)
         peft_model.save_pretrained(str(tmp), safe_serialization=True)

@@ -116,7 +116,8 @@ def evaluation_questions(
     )
 
 
-@dg.asset(group_name=GROUP)
+# The queue's blocking leak check reads the held-out questions: `*validated_queue` must build them too.
+@dg.asset(group_name=GROUP, deps=[evaluation_questions])
 def validated_queue(context: dg.AssetExecutionContext, templated_conversations: list[Conversation]) -> dg.Output:
     """The training queue: templated conversations without exact duplicates, guarded by blocking checks."""
     dropped = queue_checks.exact_duplicates(templated_conversations)

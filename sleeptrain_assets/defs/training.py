@@ -1,12 +1,16 @@
 """Night, second half: consolidated memories become LoRA weights, registered as a new adapter version."""
 
+import json
+import re
 import shutil
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
 from sleeptrain_assets.lib import settings
+from sleeptrain_assets.lib.atomic import write_json_atomic
 from sleeptrain_assets.lib.catalog import TemplateSet
 from sleeptrain_assets.lib.records import Memory, Person
 from sleeptrain_assets.lib.templating import qa_pairs_for_memories
@@ -22,11 +26,13 @@ from sleeptrain_assets.lib.training_data import (
 )
 from sleeptrain_resources.llm import BaseModel
 from sleeptrain_resources.registry import AdapterRegistry
-from sleeptrain_resources.trainer import Hyperparams, LoraTrainer, read_manifest
+from sleeptrain_resources.trainer import Hyperparams, LoraTrainer, owner_alive, owner_tag, read_manifest
 
 GROUP = "training"
 REPLAY_PROMPTS_FILE = "replay_prompts.yaml"
 ADAPTER_IO_MANAGER = "adapter_io_manager"
+STAGING_OWNER = "owner.json"  # in $SLEEPTRAIN_HOME/staging/<run_id>/: which process trains there
+RUN_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 # What a Kubernetes deployment needs to put this step on a GPU node (dagster-k8s reads these op tags when the
 # k8s_job_executor or the celery-k8s executor launches the step's pod). Harmless elsewhere. See docs/GPU.md.
@@ -76,6 +82,26 @@ def _compatible(manifest: dict[str, Any], base_sha: str, hp: Hyperparams) -> boo
     )
 
 
+def clean_stale_staging(context: dg.AssetExecutionContext, staging: Path) -> None:
+    """Remove staging folders of training runs that died (their worker on this host no longer runs, or their
+    run has finished); a run the instance still shows as in progress is marked failed, as run monitoring would."""
+    for entry in sorted(p for p in staging.iterdir() if p.is_dir() and p.name != context.run_id):
+        try:
+            owner = json.loads((entry / STAGING_OWNER).read_text(encoding="utf-8")).get("owner")
+        except (OSError, ValueError, AttributeError):
+            owner = None
+        alive = owner_alive(owner)
+        run = context.instance.get_run_by_id(entry.name) if RUN_ID.match(entry.name) else None
+        if alive or (alive is None and not (run is not None and run.is_finished)):
+            continue  # a live writer, or one on another host whose run may still be going
+        if run is not None and not run.is_finished:
+            context.instance.report_run_failed(
+                run, f"its run worker ({owner}) died in lora_adapter; found by run {context.run_id}")
+            context.log.warning(f"run {run.run_id}: worker {owner} is gone; marked the run failed")
+        shutil.rmtree(entry, ignore_errors=True)
+        context.log.warning(f"removed the staging left by a dead training run: {entry}")
+
+
 def _sparkline(values: list[float], width: int = 60) -> str:
     if not values:
         return ""
@@ -100,6 +126,8 @@ def lora_adapter(
 ) -> dg.Output[dict[str, Any]]:
     """A LoRA adapter trained on new memories plus replay, registered as a version (first one becomes current)."""
     profile = settings.profile()
+    staging = settings.state_subdir("staging")
+    clean_stale_staging(context, staging)
 
     def hyperparams(max_steps: int | None = None) -> Hyperparams:
         return trainer.hyperparams(
@@ -159,32 +187,34 @@ def lora_adapter(
                      f"({hp.max_steps * hp.batch_size / len(training_set):.2f} epochs); "
                      f"continuing from {current if resume else 'the base model'}")
 
-    staging = settings.state_subdir("staging")
-    out_dir = staging / f"adapter-{context.run_id}"
-    shutil.rmtree(out_dir, ignore_errors=True)
+    run_dir = staging / context.run_id
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    write_json_atomic(run_dir / STAGING_OWNER, {"owner": owner_tag(), "run_id": context.run_id})
+    out_dir = run_dir / "adapter"
     every = max(1, hp.max_steps // 10)
 
     def progress(step: Any) -> None:
         if step.step % every == 0 or step.step == hp.max_steps:
             context.log.info(f"step {step.step}/{hp.max_steps} loss {step.loss:.4f} grad {step.grad_norm:.3f}")
 
-    result = trainer.train(
-        training_set,
-        base_model,
-        out_dir,
-        init_adapter=registry.path(current) if resume and current else None,
-        extra_manifest={
-            "memories": sorted({*trained_keys, *(memory_key(m) for m in new)}),
-            "previous_version": current if resume else None,
-            "profile": profile.name,
-        },
-        on_step=progress,
-        overrides={k: getattr(hp, k) for k in hp.__dataclass_fields__},
-    )
     try:
+        result = trainer.train(
+            training_set,
+            base_model,
+            out_dir,
+            init_adapter=registry.path(current) if resume and current else None,
+            extra_manifest={
+                "memories": sorted({*trained_keys, *(memory_key(m) for m in new)}),
+                "previous_version": current if resume else None,
+                "profile": profile.name,
+            },
+            on_step=progress,
+            overrides={k: getattr(hp, k) for k in hp.__dataclass_fields__},
+        )
         version = registry.register(result.adapter_dir, promote_if_empty=True)
     finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
     now_current = registry.current()
     return dg.Output(
         {
