@@ -316,17 +316,23 @@ def _unit(where: str, vector: Any, dim: int) -> np.ndarray:
     return arr / norm
 
 
-def _unit_rows(where: str, vectors: Any, n: int, dim: int) -> np.ndarray:
+def _unit_rows(where: str, vectors: Any, n: int, dim: int, labels: Sequence[str] | None = None) -> np.ndarray:
+    """Unit rows of an n x dim matrix; a bad row is named by its label (the record it belongs to)."""
     arr = np.asarray(vectors, dtype=np.float32)
     if arr.ndim != 2 or arr.shape[0] != n:
         raise MemoryStoreError(f"{where}: embeddings must have one row per item ({n}), got shape {arr.shape}")
     if arr.shape[1] != dim:
         raise EmbeddingMismatchError(f"{where}: embeddings have {arr.shape[1]} dimensions, the store holds {dim}")
-    if not np.all(np.isfinite(arr)):
-        raise MemoryStoreError(f"{where}: embeddings hold NaN or infinite values")
+
+    def name(row: int) -> str:
+        return labels[row] if labels is not None else f"{where}: embedding row {row}"
+
+    finite = np.all(np.isfinite(arr), axis=1)
+    if not np.all(finite):
+        raise MemoryStoreError(f"{name(int(np.argmin(finite)))}: field 'embedding' holds NaN or infinite values")
     norms = np.linalg.norm(arr, axis=1, keepdims=True)
     if np.any(norms == 0):
-        raise MemoryStoreError(f"{where}: embedding row {int(np.argmin(norms[:, 0]))} is the zero vector")
+        raise MemoryStoreError(f"{name(int(np.argmin(norms[:, 0])))}: field 'embedding' is the zero vector")
     return arr / norms
 
 
@@ -365,7 +371,9 @@ class MemoryStore(dg.ConfigurableResource, ABC):
             if raw.ndim != 2 or raw.shape[0] != len(decisions):
                 raise MemoryStoreError(f"apply: embeddings must have one row per decision ({len(decisions)}), "
                                        f"got shape {raw.shape}")
-            vectors[writes] = _unit_rows("apply", raw[writes], len(writes), self.embedding_dim)
+            labels = [f"decision {i} ({decisions[i].action} {decisions[i].candidate.person_id!r}/"
+                      f"{decisions[i].candidate.slot!r})" for i in writes]
+            vectors[writes] = _unit_rows("apply", raw[writes], len(writes), self.embedding_dim, labels)
         rows: list[_Row] = []
         now = _now()
         for i, d in enumerate(decisions):
@@ -414,7 +422,8 @@ class MemoryStore(dg.ConfigurableResource, ABC):
         if not memories:
             return _Plan({}, _now()).report()
         if embeddings is not None:
-            vectors = _unit_rows("upsert", embeddings, len(memories), self.embedding_dim)
+            vectors = _unit_rows("upsert", embeddings, len(memories), self.embedding_dim,
+                                 [f"memory {i} ({m.id!r})" for i, m in enumerate(memories)])
         else:
             vectors = np.stack([_unit(f"memory {i} ({m.id!r})", m.embedding, self.embedding_dim)
                                 for i, m in enumerate(memories)])

@@ -188,6 +188,23 @@ def test_bad_input_names_the_record_and_changes_nothing(store: MemoryStore) -> N
     assert store.count(None) == 0 and store.operations() == []
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_embeddings_are_refused_naming_the_record(store: MemoryStore, bad: float) -> None:
+    good, poisoned = memory("lena", "a", "1"), memory("lena", "birth.year", "1984")
+    vectors = np.stack([np.asarray(good.embedding), np.asarray(poisoned.embedding)]).astype(np.float32)
+    vectors[1, 7] = bad
+    with pytest.raises(MemoryStoreError, match=rf"memory 1 \('{poisoned.id}'\): field 'embedding' holds NaN"):
+        store.upsert([good, poisoned], vectors)
+    with pytest.raises(MemoryStoreError, match=rf"memory 0 \('{poisoned.id}'\): field 'embedding' holds NaN"):
+        store.upsert([memory("lena", "birth.year", "1984", vector=vectors[1])])
+    batch = [decision("REJECT", "lena", "x", "y"), decision("STORE", "lena", "birth.year", "1984")]
+    rows = vectors_for(batch)
+    rows[1, 0] = bad
+    with pytest.raises(MemoryStoreError, match=r"decision 1 \(STORE 'lena'/'birth.year'\): field 'embedding' holds NaN"):
+        store.apply(batch, rows)
+    assert store.count(None) == 0 and store.operations() == []
+
+
 def test_a_failure_inside_the_transaction_rolls_everything_back(store: MemoryStore) -> None:
     store.upsert([memory("lena", "a", "1"), memory("lena", "b", "2")])
     before = store.operations()
