@@ -72,6 +72,13 @@ class AdapterRegistry(dg.ConfigurableResource):
 
     root: str = ""
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # Before any step claims the `gpu` pool: a training run whose worker died still holds its slot.
+        from sleeptrain_resources.staging import recover_dead_training_runs
+
+        recover_dead_training_runs(context.instance, settings.state_subdir("staging"), context.run_id,
+                                   context.log.warning if context.log else print)
+
     @property
     def root_dir(self) -> Path:
         path = Path(self.root).expanduser().resolve() if self.root else settings.state_subdir("adapters")

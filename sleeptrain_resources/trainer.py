@@ -17,7 +17,6 @@ import math
 import os
 import random
 import shutil
-import socket
 import tempfile
 import time
 import warnings
@@ -31,6 +30,7 @@ import dagster as dg
 
 from sleeptrain_assets.lib.training_data import NEW, TrainingExample, TrainingSet, data_hash
 from sleeptrain_resources.llm import BaseModel, encode_answer, file_sha256
+from sleeptrain_resources.staging import clean_stale_temp_adapters, owner_tag
 
 ALL_LINEAR = "all-linear"
 MANIFEST = "manifest.json"
@@ -45,39 +45,6 @@ _CODE_FILES = (
 
 class TrainingFailed(RuntimeError):
     """The run was stopped by a guard; no adapter was written."""
-
-
-def owner_tag() -> str:
-    """`<pid>@<host>` of this process: who owns a temporary or staging folder."""
-    return f"{os.getpid()}@{socket.gethostname()}"
-
-
-def owner_alive(owner: str | None) -> bool | None:
-    """Whether the process an owner tag names still runs; None when that cannot be known from here (another
-    host, or no readable tag)."""
-    pid, _, host = str(owner or "").partition("@")
-    if not pid.isdigit() or host != socket.gethostname():
-        return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_stale_temp_adapters(folder: Path) -> list[Path]:
-    """Remove half-written `.<name>.tmp-<pid>@<host>-*` folders whose writer on this host no longer runs."""
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for path in folder.glob(".*.tmp-*"):
-        owner = path.name.split(".tmp-", 1)[1].rsplit("-", 1)[0]
-        if path.is_dir() and owner_alive(owner) is False:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,12 @@
 """Night, second half: consolidated memories become LoRA weights, registered as a new adapter version."""
 
-import json
-import re
 import shutil
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
 from sleeptrain_assets.lib import settings
-from sleeptrain_assets.lib.atomic import write_json_atomic
 from sleeptrain_assets.lib.catalog import TemplateSet
 from sleeptrain_assets.lib.records import Memory, Person
 from sleeptrain_assets.lib.templating import qa_pairs_for_memories
@@ -26,13 +22,12 @@ from sleeptrain_assets.lib.training_data import (
 )
 from sleeptrain_resources.llm import BaseModel
 from sleeptrain_resources.registry import AdapterRegistry
-from sleeptrain_resources.trainer import Hyperparams, LoraTrainer, owner_alive, owner_tag, read_manifest
+from sleeptrain_resources.staging import claim_staging, recover_dead_training_runs
+from sleeptrain_resources.trainer import Hyperparams, LoraTrainer, read_manifest
 
 GROUP = "training"
 REPLAY_PROMPTS_FILE = "replay_prompts.yaml"
 ADAPTER_IO_MANAGER = "adapter_io_manager"
-STAGING_OWNER = "owner.json"  # in $SLEEPTRAIN_HOME/staging/<run_id>/: which process trains there
-RUN_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 # What a Kubernetes deployment needs to put this step on a GPU node (dagster-k8s reads these op tags when the
 # k8s_job_executor or the celery-k8s executor launches the step's pod). Harmless elsewhere. See docs/GPU.md.
@@ -82,26 +77,6 @@ def _compatible(manifest: dict[str, Any], base_sha: str, hp: Hyperparams) -> boo
     )
 
 
-def clean_stale_staging(context: dg.AssetExecutionContext, staging: Path) -> None:
-    """Remove staging folders of training runs that died (their worker on this host no longer runs, or their
-    run has finished); a run the instance still shows as in progress is marked failed, as run monitoring would."""
-    for entry in sorted(p for p in staging.iterdir() if p.is_dir() and p.name != context.run_id):
-        try:
-            owner = json.loads((entry / STAGING_OWNER).read_text(encoding="utf-8")).get("owner")
-        except (OSError, ValueError, AttributeError):
-            owner = None
-        alive = owner_alive(owner)
-        run = context.instance.get_run_by_id(entry.name) if RUN_ID.match(entry.name) else None
-        if alive or (alive is None and not (run is not None and run.is_finished)):
-            continue  # a live writer, or one on another host whose run may still be going
-        if run is not None and not run.is_finished:
-            context.instance.report_run_failed(
-                run, f"its run worker ({owner}) died in lora_adapter; found by run {context.run_id}")
-            context.log.warning(f"run {run.run_id}: worker {owner} is gone; marked the run failed")
-        shutil.rmtree(entry, ignore_errors=True)
-        context.log.warning(f"removed the staging left by a dead training run: {entry}")
-
-
 def _sparkline(values: list[float], width: int = 60) -> str:
     if not values:
         return ""
@@ -127,78 +102,74 @@ def lora_adapter(
     """A LoRA adapter trained on new memories plus replay, registered as a version (first one becomes current)."""
     profile = settings.profile()
     staging = settings.state_subdir("staging")
-    clean_stale_staging(context, staging)
-
-    def hyperparams(max_steps: int | None = None) -> Hyperparams:
-        return trainer.hyperparams(
-            max_steps=max_steps,
-            batch_size=config.batch_size or profile.train_batch_size,
-            learning_rate=config.learning_rate or profile.learning_rate,
-            rank=config.rank or profile.lora_rank,
-            alpha=config.alpha or profile.lora_alpha,
-            max_seq_len=config.max_seq_len or profile.max_seq_len,
-            seed=profile.seed if config.seed is None else config.seed,
-            dropout=config.dropout,
-            target_modules=config.target_modules,
-            early_stop_patience=config.early_stop_patience,
-        )
-
-    hp = hyperparams()  # steps are known once the training set is
-    replay_share = profile.replay_share if config.replay_share is None else config.replay_share
-
-    current = registry.current()
-    manifest = registry.manifest(current) if current else {}
-    resume = bool(current) and config.continue_from_current and _compatible(manifest, base_model.source_hash(), hp)
-    trained_keys = manifest.get("memories", []) if resume else []
-    new, older = split_memories(consolidated_memories, trained_keys)
-    if not new:
-        if current is None:
-            raise ValueError("lora_adapter: no active memories to train on and no adapter in the registry")
-        context.log.info(f"no new memories since {current}; keeping it")
-        path = registry.path(current)
-        return dg.Output(
-            {"version": current, "path": str(path), "adapter_sha256": manifest.get("adapter_sha256", ""),
-             "base_model": base_model.model_id, "trained": False, "current": current},
-            metadata={"version": current, "trained": False, "reason": "no new memories",
-                      "path": dg.MetadataValue.path(str(path))},
-            data_version=dg.DataVersion(manifest.get("adapter_sha256") or current),
-        )
-
-    new_pairs = qa_pairs_for_memories(new, people_profiles, conversation_templates)
-    if not new_pairs:
-        raise ValueError(
-            f"lora_adapter: {len(new)} new memories but no template covers their slots; nothing to train on"
-        )
-    older_pairs = pair_importance(qa_pairs_for_memories(older, people_profiles, conversation_templates), older)
-    prompts = load_replay_prompts(settings.benchmark_path(REPLAY_PROMPTS_FILE))
-    _, n_general = replay_counts(len(new_pairs), replay_share, len(older_pairs), len(prompts))
-    chosen = pick_general_prompts(prompts, n_general, hp.seed)
-    answers = base_model.generate(
-        [[{"role": "user", "content": p}] for p in chosen], max_new_tokens=config.replay_max_new_tokens
-    )
-    cleaned = [(p, usable_answer(a)) for p, a in zip(chosen, answers)]
-    general = [(p, a) for p, a in cleaned if a]
-    training_set = build_training_set(new_pairs, older_pairs, general, replay_share=replay_share, seed=hp.seed)
-    epochs = config.epochs or profile.train_epochs
-    hp = hyperparams(config.max_steps or settings.training_steps(
-        len(training_set), hp.batch_size, epochs, profile.train_max_steps))
-    stats = training_set.stats()
-    context.log.info(f"training set {stats}; {hp.max_steps} steps of {hp.batch_size} "
-                     f"({hp.max_steps * hp.batch_size / len(training_set):.2f} epochs); "
-                     f"continuing from {current if resume else 'the base model'}")
-
-    run_dir = staging / context.run_id
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    write_json_atomic(run_dir / STAGING_OWNER, {"owner": owner_tag(), "run_id": context.run_id})
-    out_dir = run_dir / "adapter"
-    every = max(1, hp.max_steps // 10)
-
-    def progress(step: Any) -> None:
-        if step.step % every == 0 or step.step == hp.max_steps:
-            context.log.info(f"step {step.step}/{hp.max_steps} loss {step.loss:.4f} grad {step.grad_norm:.3f}")
-
+    recover_dead_training_runs(context.instance, staging, context.run_id, context.log.warning)
+    run_dir = claim_staging(staging, context.run_id)
     try:
+        def hyperparams(max_steps: int | None = None) -> Hyperparams:
+            return trainer.hyperparams(
+                max_steps=max_steps,
+                batch_size=config.batch_size or profile.train_batch_size,
+                learning_rate=config.learning_rate or profile.learning_rate,
+                rank=config.rank or profile.lora_rank,
+                alpha=config.alpha or profile.lora_alpha,
+                max_seq_len=config.max_seq_len or profile.max_seq_len,
+                seed=profile.seed if config.seed is None else config.seed,
+                dropout=config.dropout,
+                target_modules=config.target_modules,
+                early_stop_patience=config.early_stop_patience,
+            )
+
+        hp = hyperparams()  # steps are known once the training set is
+        replay_share = profile.replay_share if config.replay_share is None else config.replay_share
+
+        current = registry.current()
+        manifest = registry.manifest(current) if current else {}
+        resume = bool(current) and config.continue_from_current and _compatible(manifest, base_model.source_hash(), hp)
+        trained_keys = manifest.get("memories", []) if resume else []
+        new, older = split_memories(consolidated_memories, trained_keys)
+        if not new:
+            if current is None:
+                raise ValueError("lora_adapter: no active memories to train on and no adapter in the registry")
+            context.log.info(f"no new memories since {current}; keeping it")
+            path = registry.path(current)
+            return dg.Output(
+                {"version": current, "path": str(path), "adapter_sha256": manifest.get("adapter_sha256", ""),
+                 "base_model": base_model.model_id, "trained": False, "current": current},
+                metadata={"version": current, "trained": False, "reason": "no new memories",
+                          "path": dg.MetadataValue.path(str(path))},
+                data_version=dg.DataVersion(manifest.get("adapter_sha256") or current),
+            )
+
+        new_pairs = qa_pairs_for_memories(new, people_profiles, conversation_templates)
+        if not new_pairs:
+            raise ValueError(
+                f"lora_adapter: {len(new)} new memories but no template covers their slots; nothing to train on"
+            )
+        older_pairs = pair_importance(qa_pairs_for_memories(older, people_profiles, conversation_templates), older)
+        prompts = load_replay_prompts(settings.benchmark_path(REPLAY_PROMPTS_FILE))
+        _, n_general = replay_counts(len(new_pairs), replay_share, len(older_pairs), len(prompts))
+        chosen = pick_general_prompts(prompts, n_general, hp.seed)
+        answers = base_model.generate(
+            [[{"role": "user", "content": p}] for p in chosen], max_new_tokens=config.replay_max_new_tokens
+        )
+        cleaned = [(p, usable_answer(a)) for p, a in zip(chosen, answers)]
+        general = [(p, a) for p, a in cleaned if a]
+        training_set = build_training_set(new_pairs, older_pairs, general, replay_share=replay_share, seed=hp.seed)
+        epochs = config.epochs or profile.train_epochs
+        hp = hyperparams(config.max_steps or settings.training_steps(
+            len(training_set), hp.batch_size, epochs, profile.train_max_steps))
+        stats = training_set.stats()
+        context.log.info(f"training set {stats}; {hp.max_steps} steps of {hp.batch_size} "
+                         f"({hp.max_steps * hp.batch_size / len(training_set):.2f} epochs); "
+                         f"continuing from {current if resume else 'the base model'}")
+
+        out_dir = run_dir / "adapter"
+        every = max(1, hp.max_steps // 10)
+
+        def progress(step: Any) -> None:
+            if step.step % every == 0 or step.step == hp.max_steps:
+                context.log.info(f"step {step.step}/{hp.max_steps} loss {step.loss:.4f} grad {step.grad_norm:.3f}")
+
         result = trainer.train(
             training_set,
             base_model,
@@ -213,44 +184,44 @@ def lora_adapter(
             overrides={k: getattr(hp, k) for k in hp.__dataclass_fields__},
         )
         version = registry.register(result.adapter_dir, promote_if_empty=True)
+        now_current = registry.current()
+        return dg.Output(
+            {
+                "version": version,
+                "path": str(registry.path(version)),
+                "adapter_sha256": result.adapter_sha256,
+                "base_model": base_model.model_id,
+                "trained": True,
+                "current": now_current,
+                "data_sha256": training_set.data_hash,
+            },
+            metadata={
+                "version": version,
+                "current": str(now_current),
+                "path": dg.MetadataValue.path(str(registry.path(version))),
+                "loss_curve": dg.MetadataValue.json(result.loss_curve),
+                "loss_sparkline": _sparkline(result.loss_curve),
+                "held_in_loss": dg.MetadataValue.json([list(p) for p in result.probe_curve]),
+                "initial_loss": result.initial_loss,
+                "final_loss": result.final_loss,
+                "steps": result.steps,
+                "stopped": result.stopped,
+                "weights_from_step": result.weights_from_step,
+                "tokens": result.tokens,
+                "answer_tokens": result.answer_tokens,
+                "tokens_per_s": result.tokens_per_s,
+                "seconds": result.seconds,
+                "trainable_params": result.trainable_params,
+                "total_params": result.total_params,
+                "training_set": dg.MetadataValue.json(stats),
+                "data_sha256": training_set.data_hash,
+                "new_memories": len(new),
+                "replayed_memories": len(older),
+                "hyperparameters": dg.MetadataValue.json(result.hyperparameters),
+                "epochs": round(result.steps * hp.batch_size / len(training_set), 3),
+                "continued_from": str(current) if resume else "base model",
+            },
+            data_version=dg.DataVersion(result.adapter_sha256),
+        )
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    now_current = registry.current()
-    return dg.Output(
-        {
-            "version": version,
-            "path": str(registry.path(version)),
-            "adapter_sha256": result.adapter_sha256,
-            "base_model": base_model.model_id,
-            "trained": True,
-            "current": now_current,
-            "data_sha256": training_set.data_hash,
-        },
-        metadata={
-            "version": version,
-            "current": str(now_current),
-            "path": dg.MetadataValue.path(str(registry.path(version))),
-            "loss_curve": dg.MetadataValue.json(result.loss_curve),
-            "loss_sparkline": _sparkline(result.loss_curve),
-            "held_in_loss": dg.MetadataValue.json([list(p) for p in result.probe_curve]),
-            "initial_loss": result.initial_loss,
-            "final_loss": result.final_loss,
-            "steps": result.steps,
-            "stopped": result.stopped,
-            "weights_from_step": result.weights_from_step,
-            "tokens": result.tokens,
-            "answer_tokens": result.answer_tokens,
-            "tokens_per_s": result.tokens_per_s,
-            "seconds": result.seconds,
-            "trainable_params": result.trainable_params,
-            "total_params": result.total_params,
-            "training_set": dg.MetadataValue.json(stats),
-            "data_sha256": training_set.data_hash,
-            "new_memories": len(new),
-            "replayed_memories": len(older),
-            "hyperparameters": dg.MetadataValue.json(result.hyperparameters),
-            "epochs": round(result.steps * hp.batch_size / len(training_set), 3),
-            "continued_from": str(current) if resume else "base model",
-        },
-        data_version=dg.DataVersion(result.adapter_sha256),
-    )
