@@ -21,6 +21,7 @@ import re
 import sqlite3
 import tempfile
 import threading
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -59,6 +60,14 @@ class EmbeddingMismatchError(ValueError):
 
 class MemoryStoreError(ValueError):
     """Bad input to the store: the message names the record and the field; nothing was written."""
+
+
+class MemoryStoreUnreachable(dg.Failure):
+    """The store's database server cannot be reached: one line naming the host (never the password), no stack
+    of driver internals; Dagster may retry the step."""
+
+    def __init__(self, description: str):
+        super().__init__(description=description, allow_retries=True)
 
 
 @dataclass(frozen=True)
@@ -1052,6 +1061,7 @@ _PG_OPS = "sleeptrain_memory_ops"
 _PG_META = "sleeptrain_memory_meta"
 _PG_HNSW = "sleeptrain_memories_embedding_hnsw"
 _PG_SCHEMA_LOCK = 0x51EE_7A1A  # advisory lock key for schema set-up
+_PG_PING_AFTER_S = 5.0  # a connection idle longer than this is checked before use
 _PG_SELECT = ("id, person_id, slot, value, text, embedding, importance, source, status, created_at, updated_at")
 
 
@@ -1069,17 +1079,30 @@ def _redact(url: str) -> str:
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
+def _endpoint(url: str) -> str:
+    """`host:port/database` of a libpq URL (the socket folder for a local socket)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        info = conninfo_to_dict(url)
+    except Exception:  # noqa: BLE001 - a URL libpq cannot parse is still reported, redacted
+        return _redact(url)
+    return f"{info.get('host') or 'localhost'}:{info.get('port') or 5432}/{info.get('dbname') or ''}"
+
+
 class PgVectorMemoryStore(MemoryStore):
     """Postgres + pgvector store: vector(384) rows with an HNSW cosine index; set-up is idempotent."""
 
     url: str
     ef_search: int = 100
+    connect_timeout: int = 10  # seconds before an unreachable server is reported
     bulk_rebuild_min_rows: int = 5000  # batches this large (and larger than the table) rebuild the HNSW index
 
     _conn: Any = PrivateAttr(default=None)
     _pid: int = PrivateAttr(default=0)
     _lock: Any = PrivateAttr(default_factory=threading.RLock)
     _meta: dict[str, str] = PrivateAttr(default_factory=dict)
+    _used: float = PrivateAttr(default=0.0)
 
     def _url(self) -> str:
         raw = self.url.get_value() if isinstance(self.url, dg.EnvVar) else self.url
@@ -1091,13 +1114,32 @@ class PgVectorMemoryStore(MemoryStore):
         return f"pgvector memory store at {_redact(self._url())}"
 
     def _db(self) -> Any:
+        import psycopg
+
         with self._lock:
             if self._conn is not None and self._pid == os.getpid() and not self._conn.closed:
-                return self._conn
-            import psycopg
+                if not self._conn.broken and time.monotonic() - self._used < _PG_PING_AFTER_S:
+                    self._used = time.monotonic()
+                    return self._conn
+                try:
+                    # Idle a while: the server may have restarted since (the socket is dead until used).
+                    self._conn.execute("SELECT 1")
+                    self._used = time.monotonic()
+                    return self._conn
+                except psycopg.OperationalError:
+                    log.warning("%s: the connection was lost; reconnecting", self.describe())
+                    self._conn.close()
             from pgvector.psycopg import register_vector
 
-            conn = psycopg.connect(self._url(), autocommit=True)
+            url = self._url()
+            try:
+                conn = psycopg.connect(url, autocommit=True, connect_timeout=self.connect_timeout)
+            except psycopg.OperationalError as exc:
+                reason = " ".join(str(exc).split())
+                raise MemoryStoreUnreachable(
+                    f"cannot reach the Postgres memory store at {_endpoint(url)} (SLEEPTRAIN_DATABASE_URL): "
+                    f"{reason}. Start the server or correct the URL."
+                ) from None
             try:
                 self._ensure_schema(conn)
                 self._refuse_mismatch(self._meta)
@@ -1107,7 +1149,7 @@ class PgVectorMemoryStore(MemoryStore):
             except BaseException:
                 conn.close()
                 raise
-            self._conn, self._pid = conn, os.getpid()
+            self._conn, self._pid, self._used = conn, os.getpid(), time.monotonic()
             return conn
 
     def _ensure_schema(self, conn: Any) -> None:
