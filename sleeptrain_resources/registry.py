@@ -77,7 +77,7 @@ class AdapterRegistry(dg.ConfigurableResource):
         from sleeptrain_resources.staging import recover_dead_training_runs
 
         recover_dead_training_runs(context.instance, settings.state_subdir("staging"), context.run_id,
-                                   context.log.warning if context.log else print)
+                                   (context.log or dg.get_dagster_logger()).warning)
 
     @property
     def root_dir(self) -> Path:

@@ -90,10 +90,10 @@ def recover_dead_training_runs(instance: Any, staging: Path, this_run_id: str | 
                 instance.report_run_failed(run, f"its run worker ({owner}) died in lora_adapter; found by run "
                                                 f"{this_run_id}")
                 log(f"run {run.run_id}: worker {owner} is gone; marked the run failed")
-            if instance.event_log_storage.supports_global_concurrency_limits:
-                freed = instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
-                if freed:
-                    log(f"run {run.run_id}: freed {freed} concurrency slot(s) it held")
+            storage = instance.event_log_storage
+            if storage.supports_global_concurrency_limits and run.run_id in storage.get_concurrency_run_ids():
+                storage.free_concurrency_slots_for_run(run.run_id)
+                log(f"run {run.run_id}: freed the concurrency slots it held")
         shutil.rmtree(entry, ignore_errors=True)
         log(f"removed the staging left by a dead training run: {entry}")
         recovered.append(entry.name)
