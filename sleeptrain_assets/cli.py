@@ -89,7 +89,8 @@ def results(_: argparse.Namespace) -> int:
     print(f"SleepTrain home: {home}")
     version = registry.current()
     print(f"current adapter: {version} at {registry.current_path()}" if version else "current adapter: none yet")
-    print(f"memory store:    {memory_store_from_env().describe()}")
+    store = memory_store_from_env()
+    print(f"memory store:    {store.describe()} ({store.count()} active memories)")
     board = reports / "leaderboard.json"
     if board.is_file():
         print(f"leaderboard:     {reports / 'leaderboard.html'}  (rows: {board})")
@@ -104,8 +105,15 @@ def results(_: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from sleeptrain_resources.memory_store import MemoryStoreError, MemoryStoreUnreachable
+
     args = _parser().parse_args(argv)
-    return {"ask": ask, "results": results}[args.command](args)
+    try:
+        return {"ask": ask, "results": results}[args.command](args)
+    except (MemoryStoreUnreachable, MemoryStoreError) as exc:
+        # An operator's mistake or a server that is down: one line, not a driver stack.
+        print(f"sleeptrain {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

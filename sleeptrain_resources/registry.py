@@ -8,13 +8,17 @@ registrations and pointer switches). A version folder appears by rename of a com
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,9 @@ VERSION_RE = re.compile(r"^v(\d{4,})-([0-9a-f]{8})$")
 
 class RegistryError(RuntimeError):
     pass
+
+
+_HELD = threading.local()  # registry roots whose writer lock this thread holds (the lock is re-entrant)
 
 
 def _sha256(path: Path) -> str:
@@ -65,6 +72,13 @@ class AdapterRegistry(dg.ConfigurableResource):
 
     root: str = ""
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # Before any step claims the `gpu` pool: a training run whose worker died still holds its slot.
+        from sleeptrain_resources.staging import recover_dead_training_runs
+
+        recover_dead_training_runs(context.instance, settings.state_subdir("staging"), context.run_id,
+                                   (context.log or dg.get_dagster_logger()).warning)
+
     @property
     def root_dir(self) -> Path:
         path = Path(self.root).expanduser().resolve() if self.root else settings.state_subdir("adapters")
@@ -90,15 +104,26 @@ class AdapterRegistry(dg.ConfigurableResource):
         return folder
 
     def current(self) -> str | None:
-        pointer = self.root_dir / "current"
+        """The current version; a pointer naming a missing or incomplete version is an error naming both."""
+        version = self._pointer()
+        if version is None:
+            return None
         try:
-            version = pointer.read_text(encoding="utf-8").strip()
+            self.path(version)
+        except RegistryError as exc:
+            raise RegistryError(
+                f"{self.root_dir / 'current'} names version {version!r}, which is not a usable adapter ({exc}); "
+                f"`rollback` (or set_current) points it at a registered version again"
+            ) from exc
+        return version
+
+    def _pointer(self) -> str | None:
+        """What the `current` file says, unchecked (None when there is no pointer yet)."""
+        try:
+            version = (self.root_dir / "current").read_text(encoding="utf-8").strip()
         except FileNotFoundError:
             return None
-        if not version:
-            return None
-        self.path(version)
-        return version
+        return version or None
 
     def current_path(self) -> Path | None:
         version = self.current()
@@ -109,9 +134,12 @@ class AdapterRegistry(dg.ConfigurableResource):
         if not file.is_file():
             return {}
         try:
-            return json.loads(file.read_text(encoding="utf-8"))
+            manifest = json.loads(file.read_text(encoding="utf-8"))
         except ValueError as exc:
             raise RegistryError(f"{file}: manifest is not valid JSON ({exc})") from exc
+        if not isinstance(manifest, dict):
+            raise RegistryError(f"{file}: manifest must be a JSON object, got {type(manifest).__name__}")
+        return manifest
 
     def resolve(self, ref: str | Path) -> Path:
         """A version name or an adapter folder path -> the adapter folder."""
@@ -132,47 +160,72 @@ class AdapterRegistry(dg.ConfigurableResource):
             raise RegistryError(f"{source}: not a finished adapter folder, missing {missing}")
         digest = _sha256(source / ADAPTER_WEIGHTS)
         self._clean_stale_incoming()
-        existing = next((v for v in self.versions() if v.endswith(digest[:8]) and self._same(v, digest)), None)
-        if existing:
-            version = existing
-        else:
-            version = self._copy_in(source, digest)
-            self._log({"action": "register", "version": version, "adapter_sha256": digest, "source": str(source)})
-        if promote_if_empty and self.current() is None:
-            self.set_current(version, "first adapter of an empty registry")
+        version = self._existing(digest) or self._copy_in(source, digest)
+        with self._exclusive():
+            if promote_if_empty and self._pointer() is None:
+                self.set_current(version, "first adapter of an empty registry")
         return version
+
+    def _existing(self, digest: str) -> str | None:
+        return next((v for v in self.versions() if v.endswith(digest[:8]) and self._same(v, digest)), None)
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One registry writer at a time across processes (flock on `<root>/.lock`); re-entrant per thread."""
+        root = str(self.root_dir)
+        held = getattr(_HELD, "roots", None)
+        if held is None:
+            held = _HELD.roots = set()
+        if root in held:
+            yield
+            return
+        fd = os.open(os.path.join(root, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held.add(root)
+            try:
+                yield
+            finally:
+                held.discard(root)
+        finally:
+            os.close(fd)  # releases the lock
 
     def set_current(self, version: str, reason: str) -> None:
         """Point `current` at `version` (atomic replace) and log why."""
         self.path(version)
-        previous = self.current()
-        root = self.root_dir
-        fd, tmp = tempfile.mkstemp(prefix=".current.", dir=root)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(version + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, root / "current")
-            _fsync_dir(root)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        self._log({"action": "set_current", "version": version, "previous": previous, "reason": reason})
+        with self._exclusive():
+            previous = self._pointer()
+            root = self.root_dir
+            for stale in root.glob(".current.*"):  # pointer drafts of writers killed before their replace
+                stale.unlink(missing_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".current.", dir=root)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    fh.write(version + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, root / "current")
+                _fsync_dir(root)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            self._log({"action": "set_current", "version": version, "previous": previous, "reason": reason})
 
     def rollback(self, version: str | None = None, reason: str = "rollback") -> str:
         """Make `version` current again; without one, the version that was current before the present one."""
-        if version is None:
-            present = self.current()
-            earlier = [
-                e["previous"]
-                for e in self.history()
-                if e.get("action") == "set_current" and e.get("version") == present and e.get("previous")
-            ]
-            if not earlier:
-                raise RegistryError(f"{self.root_dir}: no earlier current version to roll back to")
-            version = earlier[-1]
-        self.set_current(version, reason)
+        with self._exclusive():
+            if version is None:
+                # The pointer as written, unchecked: rollback is how a pointer naming a missing version is repaired.
+                present = self._pointer()
+                earlier = [
+                    e["previous"]
+                    for e in self.history()
+                    if e.get("action") == "set_current" and e.get("version") == present and e.get("previous")
+                ]
+                if not earlier:
+                    raise RegistryError(f"{self.root_dir}: no earlier current version to roll back to")
+                version = earlier[-1]
+            self.set_current(version, reason)
         return version
 
     def history(self) -> list[dict[str, Any]]:
@@ -201,16 +254,19 @@ class AdapterRegistry(dg.ConfigurableResource):
                         os.fsync(fh.fileno())
             if _sha256(incoming / ADAPTER_WEIGHTS) != digest:
                 raise RegistryError(f"{source}: adapter weights changed while being registered")
-            while True:
+            # The copy runs unlocked; numbering, the rename and the log line run under the writer lock, so two
+            # processes registering at once get distinct numbers and the same weights land once.
+            with self._exclusive():
+                existing = self._existing(digest)
+                if existing:
+                    shutil.rmtree(incoming, ignore_errors=True)
+                    return existing
                 numbers = [int(VERSION_RE.match(v).group(1)) for v in self.versions()]  # type: ignore[union-attr]
                 version = f"v{(max(numbers) + 1) if numbers else 1:04d}-{digest[:8]}"
-                try:
-                    os.rename(incoming, self._versions_dir / version)
-                    break
-                except OSError:
-                    if not (self._versions_dir / version).exists():
-                        raise
-            _fsync_dir(self._versions_dir)
+                os.rename(incoming, self._versions_dir / version)
+                _fsync_dir(self._versions_dir)
+                self._log({"action": "register", "version": version, "adapter_sha256": digest,
+                           "source": str(source)})
         except BaseException:
             shutil.rmtree(incoming, ignore_errors=True)
             raise

@@ -33,6 +33,7 @@ from pydantic import Field
 
 from sleeptrain_assets.lib.training_data import NEW, TrainingExample, TrainingSet, data_hash
 from sleeptrain_resources.llm import BaseModel, encode_answer, file_sha256
+from sleeptrain_resources.staging import clean_stale_temp_adapters, owner_tag
 
 ALL_LINEAR = "all-linear"
 MANIFEST = "manifest.json"
@@ -326,6 +327,7 @@ class LoraTrainer(dg.ConfigurableResource):
         output_dir = Path(output_dir)
         if output_dir.exists():
             raise FileExistsError(f"{output_dir}: adapter output folder already exists")
+        clean_stale_temp_adapters(output_dir.parent)
         examples = list(training_set.examples if isinstance(training_set, TrainingSet) else training_set)
         if not examples:
             raise ValueError("trainer.train: the training set is empty")
@@ -683,7 +685,8 @@ def _fsync_tree(folder: Path) -> None:
 def _write_adapter(peft_model: Any, output_dir: Path, manifest: dict[str, Any]) -> str:
     """Save into a temporary sibling, then rename into place: a crash leaves no half adapter behind."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    # The owner tag lets the next run on this host remove the folder if this process dies mid-write.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-{owner_tag()}-", dir=output_dir.parent))
     try:
         tmp.chmod(0o755)
         peft_model.save_pretrained(str(tmp), safe_serialization=True)

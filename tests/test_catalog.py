@@ -156,3 +156,34 @@ def test_wrong_value_equal_to_truth_is_refused(tmp_path: Path) -> None:
     root = write_dataset(tmp_path, _mutate(wrong_values={"birth_year": [1911]}), corrections)
     with pytest.raises(CatalogError, match=r"wrong_values\.birth_year.*equals the true value"):
         load_all(root)
+
+
+@pytest.mark.parametrize(
+    ("person", "templates", "expected"),
+    [
+        (_mutate(facts={**PERSON["facts"], "birth": {"year": "nineteen", "city": "Gouda"}}), None,
+         ["ada_test.yaml", "'ada_test'", "'facts.birth.year'", "{birth_year}", "year", "'nineteen'"]),
+        (_mutate(wrong_values={"birth_year": [1912, "soon"]}), None,
+         ["ada_test.yaml", "'ada_test'", "'wrong_values.birth_year[1]'", "year", "'soon'"]),
+        (None, {**TEMPLATES, "extractors": {**TEMPLATES["extractors"],
+                                             "award_name": {"path": "facts.awards[0].name", "type": "number"}}},
+         ["ada_test.yaml", "'facts.awards[0].name'", "{award_name}", "must be a number", "'Blue Kite'"]),
+        (None, {**TEMPLATES, "extractors": {**TEMPLATES["extractors"],
+                                             "award_name": {"path": "facts.awards[0].name", "type": "colour"}}},
+         ["facts.yaml", "'award_name'", "'extractors.type'", "'colour'"]),
+    ],
+    ids=["year-in-words", "wrong-value-not-a-year", "declared-number", "unknown-type"],
+)
+def test_values_are_checked_against_their_extractor_type(tmp_path: Path, person, templates, expected) -> None:
+    root = write_dataset(tmp_path, person, templates)
+    with pytest.raises(CatalogError) as info:
+        load_all(root)
+    for part in expected:
+        assert part in str(info.value)
+
+
+def test_years_in_digits_pass_as_numbers_or_strings(tmp_path: Path) -> None:
+    person = _mutate(facts={**PERSON["facts"], "birth": {"year": "1911", "city": "Gouda"}})
+    people, templates = load_all(write_dataset(tmp_path, person))
+    assert templates.types == {"birth_year": "year", "award_name": "text"}
+    assert resolve(people["ada_test"], "facts.birth.year") == "1911"

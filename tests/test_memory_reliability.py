@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -129,21 +128,78 @@ def _writer_holds_lock(target: tuple[str, str]) -> bool:
         return bool(row[0])
 
 
-def test_a_writer_killed_mid_batch_leaves_all_or_nothing(target, tmp_path: Path) -> None:
-    n = 30000 if target[0] == "local" else 8000
+# A child that writes one batch and stops after the last write of its transaction, before the commit: it
+# reports how many rows its own (uncommitted) transaction sees and waits for a line on stdin that never comes.
+KILLED_BEFORE_COMMIT = textwrap.dedent("""
+    import json, sys
+    from contextlib import contextmanager
+    import numpy as np
+    from sleeptrain_assets.lib.hippocampus import memory_id
+    from sleeptrain_assets.lib.records import Memory
+    from sleeptrain_resources.memory_store import LocalMemoryStore, PgVectorMemoryStore
+
+    spec = json.loads(sys.argv[1])
+    def pause(conn, table):
+        print("written", conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0], flush=True)
+        sys.stdin.readline()
+
+    if spec["backend"] == "local":
+        store = LocalMemoryStore(root=spec["target"])
+        real = LocalMemoryStore._transaction
+        @contextmanager
+        def transaction_paused_before_commit(self):
+            with real(self) as conn:
+                yield conn
+                pause(conn, "memories")
+        LocalMemoryStore._transaction = transaction_paused_before_commit
+    else:
+        store = PgVectorMemoryStore(url=spec["target"])
+        real_copy = PgVectorMemoryStore._copy
+        def copy_then_pause(conn, table, *args):
+            real_copy(conn, table, *args)
+            if table == "sleeptrain_memory_ops":  # the transaction's last write
+                pause(conn, "sleeptrain_memories")
+        PgVectorMemoryStore._copy = staticmethod(copy_then_pause)
+    store.count()
+    facts = spec["facts"]
+    vectors = np.random.default_rng(spec["seed"]).standard_normal((len(facts), 384)).astype(np.float32)
+    store.upsert([Memory(id=memory_id(p, s, v), person_id=p, slot=s, value=v, text=f"{p}: {s} = {v}",
+                         embedding=(), importance=5.0, source="bulk#0") for p, s, v in facts], vectors)
+    print("committed", flush=True)
+""")
+
+
+def _committed_rows(target: tuple[str, str]) -> int:
+    """Rows another connection sees, without taking the store's locks or creating anything."""
+    backend, where = target
+    if backend == "local":
+        probe = sqlite3.connect(f"file:{Path(where) / 'memories.sqlite'}?mode=ro", uri=True, timeout=5)
+        try:
+            return int(probe.execute("SELECT count(*) FROM memories").fetchone()[0])
+        finally:
+            probe.close()
+    import psycopg
+
+    with psycopg.connect(where, autocommit=True) as conn:
+        return int(conn.execute("SELECT count(*) FROM sleeptrain_memories").fetchone()[0])
+
+
+def test_a_writer_killed_between_write_and_commit_leaves_nothing_and_the_retry_lands_once(target) -> None:
+    n = 2000
     facts = [("bulk", f"slot.{i}", f"v{i}") for i in range(n)]
-    go = tmp_path / "go"
-    proc = spawn({"backend": target[0], "target": target[1], "seed": 3, "facts": facts, "go": str(go),
-                  "source": "bulk#0", "batch": n})
-    go.touch()
-    deadline = time.monotonic() + 60
-    while not _writer_holds_lock(target):
-        assert proc.poll() is None, f"the writer finished before it could be interrupted: {proc.stderr.read()}"
-        assert time.monotonic() < deadline, "the writer never took the write lock"
-        time.sleep(0.002)
-    time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    spec = {"backend": target[0], "target": target[1], "seed": 3, "facts": facts}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_BEFORE_COMMIT, json.dumps(spec)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    try:
+        line = proc.stdout.readline().split()
+        assert line == ["written", str(n)], f"the writer never reached its commit: {line} {proc.stderr.read()}"
+        assert _committed_rows(target) == 0, "the batch was visible before its commit"
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     # Postgres rolls the dead client's transaction back once it notices the broken connection.
     deadline = time.monotonic() + 30
     while _writer_holds_lock(target):
@@ -152,15 +208,15 @@ def test_a_writer_killed_mid_batch_leaves_all_or_nothing(target, tmp_path: Path)
 
     store = open_store(target)
     try:
-        count = store.count(None)
-        assert count in (0, n), f"{count} of {n} rows survived a killed batch"
-        assert len(store.operations()) == count
-        # The store still takes writes, and a nearest query agrees with the rows.
-        vec = np.random.default_rng(4).standard_normal(DIM).astype(np.float32)
-        store.upsert([Memory(id="after-kill", person_id="bulk", slot="after", value="x", text="after the kill",
-                             embedding=tuple(vec.tolist()), importance=1.0, source="t#0")])
-        assert store.count(None) == count + 1
-        assert store.nearest(vec, k=1)[0][0].id == "after-kill"
+        assert store.count(None) == 0 and store.operations() == [], "a killed batch left rows behind"
+        vectors = np.random.default_rng(3).standard_normal((n, DIM)).astype(np.float32)
+        batch = [Memory(id=memory_id(p, s, v), person_id=p, slot=s, value=v, text=f"{p}: {s} = {v}", embedding=(),
+                        importance=5.0, source="bulk#0") for p, s, v in facts]
+        store.upsert(batch, vectors)
+        store.upsert(batch, vectors)  # a retry of a batch that did land changes nothing
+        assert store.count(None) == store.count() == n
+        assert [h["op"] for h in store.history(batch[17].id)] == ["STORE", "MERGE"]
+        assert store.nearest(vectors[17], k=1)[0][0].id == batch[17].id
     finally:
         store.close()
 

@@ -188,6 +188,23 @@ def test_bad_input_names_the_record_and_changes_nothing(store: MemoryStore) -> N
     assert store.count(None) == 0 and store.operations() == []
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_embeddings_are_refused_naming_the_record(store: MemoryStore, bad: float) -> None:
+    good, poisoned = memory("lena", "a", "1"), memory("lena", "birth.year", "1984")
+    vectors = np.stack([np.asarray(good.embedding), np.asarray(poisoned.embedding)]).astype(np.float32)
+    vectors[1, 7] = bad
+    with pytest.raises(MemoryStoreError, match=rf"memory 1 \('{poisoned.id}'\): field 'embedding' holds NaN"):
+        store.upsert([good, poisoned], vectors)
+    with pytest.raises(MemoryStoreError, match=rf"memory 0 \('{poisoned.id}'\): field 'embedding' holds NaN"):
+        store.upsert([memory("lena", "birth.year", "1984", vector=vectors[1])])
+    batch = [decision("REJECT", "lena", "x", "y"), decision("STORE", "lena", "birth.year", "1984")]
+    rows = vectors_for(batch)
+    rows[1, 0] = bad
+    with pytest.raises(MemoryStoreError, match=r"decision 1 \(STORE 'lena'/'birth.year'\): field 'embedding' holds NaN"):
+        store.apply(batch, rows)
+    assert store.count(None) == 0 and store.operations() == []
+
+
 def test_a_failure_inside_the_transaction_rolls_everything_back(store: MemoryStore) -> None:
     store.upsert([memory("lena", "a", "1"), memory("lena", "b", "2")])
     before = store.operations()
@@ -347,12 +364,35 @@ def test_pgvector_filtered_queries_walk_the_index_past_filtered_rows(postgres_ur
 
         conn = store._db()
         query = ("SELECT id FROM sleeptrain_memories WHERE status = 'active' AND person_key = %s AND person_id = %s "
-                 "ORDER BY embedding <=> %s LIMIT 10")
+                 "AND indexed ORDER BY embedding <=> %s LIMIT 10")
         params = (person_key("far"), "far", q)
         plan = "\n".join(r[0] for r in conn.execute("EXPLAIN (COSTS OFF) " + query, params).fetchall())
         assert "sleeptrain_memories_embedding_hnsw" in plan
         assert len(conn.execute(query, params).fetchall()) == 10
         conn.execute("SELECT set_config('hnsw.iterative_scan', 'off', false)")
         assert len(conn.execute(query, params).fetchall()) < 10
+    finally:
+        store.close()
+
+
+def test_pgvector_rows_written_after_the_index_are_found_and_folded_in(postgres_url: str) -> None:
+    """Rows of a write into a filled table stay out of the HNSW index (a cheap write) until a fold; queries
+    see them all along, and a write past `max_unindexed` folds the tail in."""
+    store = PgVectorMemoryStore(url=postgres_url, bulk_rebuild_min_rows=100, max_unindexed=150)
+    try:
+        first = [memory("p", f"s{i}", str(i)) for i in range(300)]
+        store.upsert(first)  # a bulk load into an empty table: indexed by one build
+        assert store.unindexed() == 0
+        late = [memory("p", f"late{i}", str(i)) for i in range(100)]
+        store.upsert(late)
+        assert store.unindexed() == 100
+        for m in (late[0], late[99], first[5]):
+            assert store.nearest(m.embedding, k=3)[0][0].id == m.id
+        store.upsert([memory("p", f"more{i}", str(i)) for i in range(60)])  # 160 > 150: folded in
+        assert store.unindexed() == 0
+        assert store.nearest(late[42].embedding, k=1)[0][0].id == late[42].id
+        store.upsert([memory("p", "last", "x")])
+        assert store.index_pending() == 1 and store.unindexed() == 0
+        assert store.count() == 461
     finally:
         store.close()

@@ -109,58 +109,89 @@ def test_a_torn_history_line_is_skipped_and_not_glued_to_the_next(registry: Adap
     assert [e["version"] for e in registry.history()] == [first, first, second]
 
 
+# A child that registers or switches the pointer and stops at a point inside the operation: it says "paused"
+# and waits for a line on stdin that never comes, so the kill lands exactly there.
 CRASH = textwrap.dedent(
     """
-    import os, shutil, signal, sys
+    import os, shutil, sys
     sys.path.insert(0, sys.argv[1])
     import sleeptrain_resources.registry as reg
 
-    def die(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGKILL)
+    def pause():
+        print("paused", flush=True)
+        sys.stdin.readline()
 
     point = sys.argv[3]
     registry = reg.AdapterRegistry(root=sys.argv[2])
     if point == "copy":
         real_copytree = shutil.copytree
-        def copy_then_die(src, dst, *a, **k):
-            real_copytree(src, dst, *a, **k)
-            die()
-        reg.shutil.copytree = copy_then_die
+        def copy_one_file_then_pause(src, dst, *a, **k):
+            copied = []
+            def copy(s, d, **kw):
+                if copied:
+                    pause()
+                copied.append(shutil.copy2(s, d, **kw))
+            return real_copytree(src, dst, *a, copy_function=copy, **k)
+        reg.shutil.copytree = copy_one_file_then_pause
         registry.register(sys.argv[4])
     elif point == "pointer":
-        reg.os.replace = die
+        real_replace = os.replace
+        def pause_then_replace(src, dst):
+            pause()
+            real_replace(src, dst)
+        reg.os.replace = pause_then_replace
         registry.set_current(sys.argv[4], "promote")
     elif point == "log":
-        reg.os.fsync = lambda fd: die() if os.fstat(fd).st_size > 0 and reg.os.path.basename(
-            os.readlink(f"/proc/self/fd/{fd}")) == "history.jsonl" else None
+        real_write = os.write
+        def pause_before_the_log_line(fd, data):
+            if os.readlink(f"/proc/self/fd/{fd}").endswith("history.jsonl"):
+                pause()
+            return real_write(fd, data)
+        reg.os.write = pause_before_the_log_line
         registry.set_current(sys.argv[4], "promote")
-    print("survived")
+    print("survived", flush=True)
     """
 )
 
 
 def _crash(registry: AdapterRegistry, point: str, arg: str) -> None:
-    proc = subprocess.run([sys.executable, "-c", CRASH, str(REPO), str(registry.root_dir), point, arg],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    """Run the child to its pause point, check the point was reached, then kill -9 it there."""
+    proc = subprocess.Popen([sys.executable, "-c", CRASH, str(REPO), str(registry.root_dir), point, arg],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().strip()
+        assert line == "paused", f"the child never reached {point!r}: {line!r} {proc.stderr.read()}"
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
 
 
 def test_killed_while_copying_a_version_in(registry: AdapterRegistry, tmp_path: Path) -> None:
     first = registry.register(adapter(tmp_path / "a", 1))
     _crash(registry, "copy", str(adapter(tmp_path / "b", 2)))
     assert registry.versions() == [first] and registry.current() == first
-    assert list((registry.root_dir / "versions").glob(".incoming-*")), "the kill should have hit mid-copy"
+    incoming = list((registry.root_dir / "versions").glob(".incoming-*"))
+    assert len(incoming) == 1 and len(list(incoming[0].iterdir())) == 1, "the kill must land after one file of three"
     second = registry.register(tmp_path / "b")
     assert registry.versions() == [first, second]
     assert not list((registry.root_dir / "versions").glob(".incoming-*")), "stale copy of a dead writer kept"
+    assert [e["action"] for e in registry.history()] == ["register", "set_current", "register"]
 
 
 def test_killed_before_the_pointer_switch_keeps_the_old_current(registry: AdapterRegistry, tmp_path: Path) -> None:
     first = registry.register(adapter(tmp_path / "a", 1))
     second = registry.register(adapter(tmp_path / "b", 2))
     _crash(registry, "pointer", second)
+    drafts = list(registry.root_dir.glob(".current.*"))
+    assert len(drafts) == 1 and drafts[0].read_text() == second + "\n", "killed with the new pointer drafted"
     assert registry.current() == first
     assert (registry.current_path() / "adapter_model.safetensors").is_file()
+    registry.set_current(second, "promote again")
+    assert registry.current() == second
+    assert not list(registry.root_dir.glob(".current.*")), "the dead writer's pointer draft was kept"
 
 
 def test_killed_after_the_pointer_switch_has_the_new_current(registry: AdapterRegistry, tmp_path: Path) -> None:
@@ -169,4 +200,87 @@ def test_killed_after_the_pointer_switch_has_the_new_current(registry: AdapterRe
     _crash(registry, "log", second)
     assert registry.current() == second
     assert (registry.current_path() / "adapter_config.json").is_file()
-    assert os.path.getsize(registry.root_dir / "history.jsonl") > 0
+    # The switch happened but its log line never did: rollback has nothing to go back to, and says so.
+    assert [e["action"] for e in registry.history()] == ["register", "set_current", "register"]
+
+
+REGISTER_AT_ONCE = textwrap.dedent(
+    """
+    import os, sys, time
+    sys.path.insert(0, sys.argv[1])
+    import sleeptrain_resources.registry as reg
+
+    root, source, mark, go = sys.argv[2:6]
+    real_rename = os.rename
+    def rename_when_told(src, dst):
+        # The version number is chosen: wait here until the test says go.
+        open(mark, "w").close()
+        while not os.path.exists(go):
+            time.sleep(0.005)
+        real_rename(src, dst)
+    reg.os.rename = rename_when_told
+    print(reg.AdapterRegistry(root=root).register(source), flush=True)
+    """
+)
+
+
+def test_two_processes_registering_at_once_get_distinct_versions_and_full_history(registry: AdapterRegistry,
+                                                                                  tmp_path: Path) -> None:
+    import time
+
+    go = tmp_path / "go"
+    marks = [tmp_path / f"at-rename-{i}" for i in (1, 2)]
+    procs = [subprocess.Popen([sys.executable, "-c", REGISTER_AT_ONCE, str(REPO), str(registry.root_dir),
+                               str(adapter(tmp_path / f"src{i}", i)), str(marks[i - 1]), str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (1, 2)]
+    deadline = time.monotonic() + 60
+    while not any(m.exists() for m in marks):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no writer reached the rename"
+        time.sleep(0.01)
+    # Without a writer lock the other one picks the same number within this window; with it, it waits.
+    time.sleep(2.0)
+    go.touch()
+    versions = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        versions.append(out.strip())
+    numbers = sorted(int(v[1:5]) for v in versions)
+    assert numbers == [1, 2], versions
+    assert registry.versions() == sorted(versions)
+    history = registry.history()
+    assert sorted(e["version"] for e in history if e["action"] == "register") == sorted(versions)
+    assert [e["action"] for e in history].count("set_current") == 1, "only the first adapter becomes current"
+    assert registry.current() == registry.versions()[0]
+
+
+def test_a_pointer_naming_a_missing_version_is_named_and_rollback_repairs_it(registry: AdapterRegistry,
+                                                                            tmp_path: Path) -> None:
+    import shutil
+
+    first = registry.register(adapter(tmp_path / "a", 1))
+    second = registry.register(adapter(tmp_path / "b", 2))
+    registry.set_current(second, "promote")
+    shutil.rmtree(registry.root_dir / "versions" / second)  # e.g. an operator's disk clean-up
+    pointer = registry.root_dir / "current"
+    with pytest.raises(RegistryError, match=rf"{pointer}.*names version '{second}'.*rollback"):
+        registry.current()
+    assert registry.rollback() == first
+    assert registry.current() == first
+    assert registry.history()[-1] == {**registry.history()[-1], "version": first, "previous": second}
+    pointer.write_text("latest\n")
+    with pytest.raises(RegistryError, match=rf"{pointer}.*'latest'.*not a version name"):
+        registry.current_path()
+    registry.rollback(first, reason="repair")
+    assert registry.current() == first
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]"])
+def test_a_corrupt_manifest_is_named(registry: AdapterRegistry, tmp_path: Path, content: str) -> None:
+    version = registry.register(adapter(tmp_path / "a", 1))
+    manifest = registry.root_dir / "versions" / version / "manifest.json"
+    manifest.write_text(content)
+    with pytest.raises(RegistryError, match=rf"{manifest}: manifest (is not valid JSON|must be a JSON object)"):
+        registry.manifest(version)
+    assert registry.current() == version, "the adapter itself stays usable"
+    assert registry.register(adapter(tmp_path / "b", 2)).startswith("v0002-")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -77,24 +76,55 @@ def test_same_seed_same_data_same_adapter(training_set, tmp_path: Path) -> None:
     assert other.adapter_sha256 != one.adapter_sha256
 
 
-def test_injected_nan_fails_the_run_and_changes_nothing(trained, training_set, tmp_path: Path) -> None:
-    registry = AdapterRegistry(root=str(tmp_path / "registry"))
-    version = registry.register(trained.adapter_dir)
-    before = (registry.versions(), registry.current(), registry.history())
+class PoisonedTrainer(LoraTrainer):
+    """The real trainer with a fault injected after step 1: NaN weights (-> NaN loss at step 2) or a hook that
+    turns every gradient of one LoRA matrix into NaN (-> NaN gradient norm at step 2, the last step)."""
 
-    def poison(step) -> None:
-        if step.step == 1:
+    poison: str = "loss"
+
+    def train(self, *args, on_step=None, **kwargs):
+        def poisoned(step) -> None:
+            if on_step is not None:
+                on_step(step)
+            if step.step != 1:
+                return
             import torch
 
-            with torch.no_grad():
-                next(p for n, p in step.model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+            param = next(p for n, p in step.model.named_parameters() if "lora_A" in n)
+            if self.poison == "loss":
+                with torch.no_grad():
+                    param.fill_(float("nan"))
+            else:
+                param.register_hook(lambda grad: grad * float("nan"))
 
-    out = tmp_path / "runs" / "adapter"
-    with pytest.raises(TrainingFailed, match="non-finite loss .* at step 2"):
-        LoraTrainer().train(training_set, BaseModel(), out, overrides=TINY, on_step=poison)
-    assert not out.parent.exists() or _entries(out.parent) == []
+        return super().train(*args, on_step=poisoned, **kwargs)
+
+
+@pytest.mark.parametrize(("poison", "message"), [("loss", "non-finite loss .* at step 2"),
+                                                 ("gradient", "non-finite gradient norm at step 2")])
+def test_nan_in_training_fails_the_asset_and_leaves_the_registry_as_it_was(tmp_path: Path, poison: str,
+                                                                           message: str) -> None:
+    import dagster as dg
+
+    from sleeptrain_assets.defs.training import LoraConfig, lora_adapter
+    from sleeptrain_assets.lib import settings
+    from sleeptrain_assets.lib.catalog import load_people, load_templates
+    from tests.test_registry import adapter
+    from tests.test_training_asset import _memories
+
+    registry = AdapterRegistry()
+    version = registry.register(adapter(tmp_path / "earlier", 1))
+    before = (registry.versions(), registry.current(), registry.history())
+    people, templates = load_people(settings.data_dir() / "people"), load_templates(settings.data_dir() / "templates")
+    with pytest.raises(TrainingFailed, match=message):
+        lora_adapter(dg.build_asset_context(), config=LoraConfig(max_steps=2, replay_share=0.0, early_stop_patience=0),
+                     consolidated_memories=_memories("lena_varga", people, templates), people_profiles=people,
+                     conversation_templates=templates, base_model=BaseModel(), trainer=PoisonedTrainer(poison=poison),
+                     registry=registry)
     assert (registry.versions(), registry.current(), registry.history()) == before
     assert registry.current() == version
+    staging = settings.state_dir() / "staging"
+    assert not staging.exists() or _entries(staging) == [], "the failed run left staging behind"
 
 
 def test_loss_rising_far_above_its_start_fails_the_run(training_set, tmp_path: Path) -> None:
@@ -171,7 +201,6 @@ KILLED_WRITE = textwrap.dedent(
     from sleeptrain_resources.llm import BaseModel
     from tests.lora_helpers import qa_pairs
 
-    real = trainer.file_sha256
     def die_after_weights(path):
         # PEFT has written the weights into the temporary folder; the manifest and rename are still to come.
         os.kill(os.getpid(), signal.SIGKILL)
@@ -184,21 +213,22 @@ KILLED_WRITE = textwrap.dedent(
 )
 
 
-def test_run_killed_during_the_adapter_write_leaves_the_registry_on_a_valid_adapter(
-    trained, tmp_path: Path
+def test_a_write_killed_midway_leaves_no_adapter_and_the_next_run_cleans_its_leftover(
+    training_set, tmp_path: Path
 ) -> None:
-    registry = AdapterRegistry(root=str(tmp_path / "registry"))
-    version = registry.register(trained.adapter_dir)
     out = tmp_path / "runs" / "adapter"
     proc = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(REPO), str(out)], cwd=REPO,
                           env=os.environ.copy(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
     assert not out.exists(), "a half-written adapter appeared under its final name"
     leftovers = [p for p in out.parent.iterdir() if p.name.startswith(".adapter.tmp-")]
-    assert leftovers and (leftovers[0] / "adapter_model.safetensors").is_file()  # the kill hit mid-write
-    assert registry.current() == version and registry.versions() == [version]
-    current = registry.current_path()
-    manifest = json.loads((current / "manifest.json").read_text())
-    assert manifest["adapter_sha256"] == trained.adapter_sha256
-    assert BaseModel().generate([[{"role": "user", "content": "Who is Ines Kallberg?"}]], adapter=current,
-                                max_new_tokens=8)[0]
+    assert len(leftovers) == 1 and (leftovers[0] / "adapter_model.safetensors").is_file()  # killed mid-write
+    assert not (leftovers[0] / "manifest.json").exists()
+    # A live writer's folder (this process's owner tag) must survive the next run's clean-up.
+    from sleeptrain_resources.trainer import owner_tag
+
+    live = out.parent / f".other.tmp-{owner_tag()}-abcdefgh"
+    live.mkdir()
+    result = LoraTrainer().train(training_set, BaseModel(), out, overrides=SHORT)
+    assert result.adapter_dir == out and (out / "manifest.json").is_file()
+    assert _entries(out.parent) == [live.name, "adapter"], "the dead writer's leftover was not cleaned"

@@ -105,3 +105,31 @@ def test_steps_follow_epochs_over_the_training_set() -> None:
     steps = out.metadata["steps"].value
     assert steps == settings.training_steps(examples, 4, 0.25, cap)
     assert out.metadata["epochs"].value == round(steps * 4 / examples, 3)
+
+
+def test_the_adapter_reference_shows_the_adapter_folder_as_its_path(tmp_path: Path) -> None:
+    from sleeptrain_assets.defs.resources import resources
+    from sleeptrain_assets.defs.training import ADAPTER_IO_MANAGER
+    from sleeptrain_resources.adapter_io import AdapterRefIOManager
+    from tests.test_registry import adapter
+
+    assert lora_adapter.get_io_manager_key_for_asset_key(dg.AssetKey("lora_adapter")) == ADAPTER_IO_MANAGER
+    assert isinstance(resources().resources[ADAPTER_IO_MANAGER], AdapterRefIOManager)
+    registry = AdapterRegistry()
+    version = registry.register(adapter(tmp_path / "a", 1))
+
+    @dg.asset(name="lora_adapter", io_manager_key=ADAPTER_IO_MANAGER)
+    def stand_in() -> dict:
+        return {"version": version, "path": str(registry.path(version))}
+
+    @dg.asset
+    def reader(lora_adapter: dict) -> str:
+        return lora_adapter["path"]
+
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        result = dg.materialize([stand_in, reader], instance=instance,
+                                resources={ADAPTER_IO_MANAGER: AdapterRefIOManager()})
+        assert result.success
+        event = instance.get_latest_materialization_event(dg.AssetKey("lora_adapter"))
+        assert event.asset_materialization.metadata["path"].value == str(registry.path(version))
+        assert result.output_for_node("reader") == str(registry.path(version))

@@ -1,6 +1,7 @@
 """Day data: people profiles and templates -> templated conversations -> validated training queue."""
 
 from collections import Counter
+from pathlib import Path
 
 import dagster as dg
 
@@ -14,27 +15,27 @@ from sleeptrain_resources.llm import BaseModel
 GROUP = "curation"
 
 
-@dg.multi_asset(
-    outs={
-        "people_profiles": dg.AssetOut(description="Validated people profiles from SLEEPTRAIN_DATA_DIR/people."),
-        "conversation_templates": dg.AssetOut(
-            description="Question, answer and conversation templates from SLEEPTRAIN_DATA_DIR/templates."
-        ),
-    },
-    group_name=GROUP,
-)
-def people_and_templates(context: dg.AssetExecutionContext):
-    """Load and cross-validate people profiles and templates; a bad file fails naming file, record and field."""
-    root = settings.data_dir()
+def _inputs_ready(context: dg.AssetExecutionContext) -> Path:
+    """Fail the first step, before any work, on an unknown profile or inputs that are truly missing."""
+    profile = settings.profile()
+    missing = settings.missing_inputs()
+    if missing:
+        raise FileNotFoundError("SleepTrain inputs are missing:\n- " + "\n- ".join(missing))
+    context.log.info(f"profile {profile.name}; inputs from {settings.data_dir()}")
+    return settings.data_dir()
+
+
+@dg.asset(group_name=GROUP)
+def people_profiles(context: dg.AssetExecutionContext) -> dg.Output[dict[str, Person]]:
+    """Validated people profiles from SLEEPTRAIN_DATA_DIR/people; a bad file fails naming file, record and field."""
+    root = _inputs_ready(context)
     people = load_people(root / "people")
-    templates = load_templates(root / "templates")
-    notes = validate_catalog(people, templates)
-    for note in notes:
+    # Values are checked against the templates' extractor types (a year must be a year) before anything trains.
+    for note in validate_catalog(people, load_templates(root / "templates")):
         context.log.info(note)
     kinds = Counter(p.kind for p in people.values())
-    yield dg.Output(
+    return dg.Output(
         people,
-        output_name="people_profiles",
         metadata={
             "people": len(people),
             "real": kinds.get("real", 0),
@@ -48,9 +49,15 @@ def people_and_templates(context: dg.AssetExecutionContext):
             ),
         },
     )
-    yield dg.Output(
+
+
+@dg.asset(group_name=GROUP)
+def conversation_templates(context: dg.AssetExecutionContext) -> dg.Output[TemplateSet]:
+    """Question, answer and conversation templates from SLEEPTRAIN_DATA_DIR/templates."""
+    root = _inputs_ready(context)
+    templates = load_templates(root / "templates")
+    return dg.Output(
         templates,
-        output_name="conversation_templates",
         metadata={
             "templates": len(templates.templates),
             "extractors": len(templates.extractors),
@@ -60,23 +67,13 @@ def people_and_templates(context: dg.AssetExecutionContext):
     )
 
 
-@dg.multi_asset(
-    outs={
-        "templated_conversations": dg.AssetOut(
-            description="Multi-turn day conversations, interleaved across people, each turn with provenance."
-        ),
-        "evaluation_questions": dg.AssetOut(description="Held-out evaluation questions; never used for training."),
-    },
-    ins={"people_profiles": dg.AssetIn(), "conversation_templates": dg.AssetIn()},
-    group_name=GROUP,
-)
-def conversations_and_evaluation_split(
+@dg.asset(group_name=GROUP)
+def templated_conversations(
     context: dg.AssetExecutionContext, people_profiles: dict[str, Person], conversation_templates: TemplateSet
-):
-    """Render day conversations from the templates and split off the held-out evaluation questions."""
+) -> dg.Output[list[Conversation]]:
+    """Multi-turn day conversations, interleaved across people, each turn with provenance."""
     profile = settings.profile()
     conversations = build(people_profiles, conversation_templates, profile.conversation_rounds, profile.seed)
-    items = evaluation_items(people_profiles, conversation_templates)
     per_person = Counter(c.person_id for c in conversations)
     per_mode = Counter(c.mode for c in conversations)
     per_category = Counter(
@@ -86,10 +83,9 @@ def conversations_and_evaluation_split(
         if t.provenance and t.provenance.template_id in conversation_templates.templates
     )
     sample = "\n\n---\n\n".join(f"**{c.id}** ({c.mode})\n\n```\n{conversation_text(c)}\n```" for c in conversations[:3])
-    context.log.info(f"{len(conversations)} conversations, {len(items)} held-out evaluation questions")
-    yield dg.Output(
+    context.log.info(f"{len(conversations)} conversations")
+    return dg.Output(
         conversations,
-        output_name="templated_conversations",
         metadata={
             "conversations": len(conversations),
             "turns": sum(len(c.turns) for c in conversations),
@@ -101,9 +97,17 @@ def conversations_and_evaluation_split(
             "sample": dg.MetadataValue.md(sample),
         },
     )
-    yield dg.Output(
+
+
+@dg.asset(group_name=GROUP)
+def evaluation_questions(
+    context: dg.AssetExecutionContext, people_profiles: dict[str, Person], conversation_templates: TemplateSet
+) -> dg.Output[list[EvalItem]]:
+    """Held-out evaluation questions; never used for training."""
+    items = evaluation_items(people_profiles, conversation_templates)
+    context.log.info(f"{len(items)} held-out evaluation questions")
+    return dg.Output(
         items,
-        output_name="evaluation_questions",
         metadata={
             "questions": len(items),
             "per_kind": dg.MetadataValue.json(dict(sorted(Counter(i.kind for i in items).items()))),
@@ -112,7 +116,8 @@ def conversations_and_evaluation_split(
     )
 
 
-@dg.asset(group_name=GROUP)
+# The queue's blocking leak check reads the held-out questions: `*validated_queue` must build them too.
+@dg.asset(group_name=GROUP, deps=[evaluation_questions])
 def validated_queue(context: dg.AssetExecutionContext, templated_conversations: list[Conversation]) -> dg.Output:
     """The training queue: templated conversations without exact duplicates, guarded by blocking checks."""
     dropped = queue_checks.exact_duplicates(templated_conversations)

@@ -148,6 +148,8 @@ def consolidated_memories(
     report = memory_store.apply_status_changes(
         [StatusChange(a.op, a.memory_id, a.reason, a.into) for a in actions]
     )
+    # The day's writes skipped the vector index to commit fast; consolidation is when it catches up.
+    folded = memory_store.index_pending()
     memories = memory_store.active_memories()
     counts = summarize_actions(actions)
     context.log.info(f"consolidation {counts}; {len(memories)} active memories")
@@ -156,6 +158,7 @@ def consolidated_memories(
         memories,
         metadata={
             "actions": dg.MetadataValue.json(counts),
+            "rows_indexed": folded,
             "store_operations": dg.MetadataValue.json(report.operations),
             "action_table": dg.MetadataValue.md(
                 table(["op", "person", "memory", "into", "reason"],

@@ -4,6 +4,7 @@ import os
 
 import dagster as dg
 
+from sleeptrain_resources.adapter_io import AdapterRefIOManager
 from sleeptrain_resources.embedding import Embedder
 from sleeptrain_resources.llm import BaseModel
 from sleeptrain_resources.memory_store import memory_store_from_env
@@ -25,5 +26,6 @@ def resources() -> dg.Definitions:
             "trainer": trainer_from_env(),
             "registry": AdapterRegistry(),
             "tracker": Tracker(),
+            "adapter_io_manager": AdapterRefIOManager(),
         }
     )

@@ -22,10 +22,12 @@ from sleeptrain_assets.lib.training_data import (
 )
 from sleeptrain_resources.llm import BaseModel
 from sleeptrain_resources.registry import AdapterRegistry
+from sleeptrain_resources.staging import claim_staging, recover_dead_training_runs
 from sleeptrain_resources.trainer import Hyperparams, LoraTrainer, read_manifest
 
 GROUP = "training"
 REPLAY_PROMPTS_FILE = "replay_prompts.yaml"
+ADAPTER_IO_MANAGER = "adapter_io_manager"
 
 # What a Kubernetes deployment needs to put this step on a GPU node (dagster-k8s reads these op tags when the
 # k8s_job_executor or the celery-k8s executor launches the step's pod). Harmless elsewhere. See docs/GPU.md.
@@ -85,7 +87,8 @@ def _sparkline(values: list[float], width: int = 60) -> str:
     return "".join(bars[int((v - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for v in sampled)
 
 
-@dg.asset(group_name=GROUP, pool="gpu", op_tags=GPU_OP_TAGS)
+# The adapter_io_manager stores the version reference and shows the adapter folder as `path` in the UI.
+@dg.asset(group_name=GROUP, pool="gpu", op_tags=GPU_OP_TAGS, io_manager_key=ADAPTER_IO_MANAGER)
 def lora_adapter(
     context: dg.AssetExecutionContext,
     config: LoraConfig,
@@ -98,121 +101,122 @@ def lora_adapter(
 ) -> dg.Output[dict[str, Any]]:
     """A LoRA adapter trained on new memories plus replay, registered as a version (first one becomes current)."""
     profile = settings.profile()
-
-    def hyperparams(max_steps: int | None = None) -> Hyperparams:
-        return trainer.hyperparams(
-            max_steps=max_steps,
-            batch_size=config.batch_size or profile.train_batch_size,
-            learning_rate=config.learning_rate or profile.learning_rate,
-            rank=config.rank or profile.lora_rank,
-            alpha=config.alpha or profile.lora_alpha,
-            max_seq_len=config.max_seq_len or profile.max_seq_len,
-            seed=profile.seed if config.seed is None else config.seed,
-            dropout=config.dropout,
-            target_modules=config.target_modules,
-            early_stop_patience=config.early_stop_patience,
-        )
-
-    hp = hyperparams()  # steps are known once the training set is
-    replay_share = profile.replay_share if config.replay_share is None else config.replay_share
-
-    current = registry.current()
-    manifest = registry.manifest(current) if current else {}
-    resume = bool(current) and config.continue_from_current and _compatible(manifest, base_model.source_hash(), hp)
-    trained_keys = manifest.get("memories", []) if resume else []
-    new, older = split_memories(consolidated_memories, trained_keys)
-    if not new:
-        if current is None:
-            raise ValueError("lora_adapter: no active memories to train on and no adapter in the registry")
-        context.log.info(f"no new memories since {current}; keeping it")
-        path = registry.path(current)
-        return dg.Output(
-            {"version": current, "path": str(path), "adapter_sha256": manifest.get("adapter_sha256", ""),
-             "base_model": base_model.model_id, "trained": False, "current": current},
-            metadata={"version": current, "trained": False, "reason": "no new memories"},
-            data_version=dg.DataVersion(manifest.get("adapter_sha256") or current),
-        )
-
-    new_pairs = qa_pairs_for_memories(new, people_profiles, conversation_templates)
-    if not new_pairs:
-        raise ValueError(
-            f"lora_adapter: {len(new)} new memories but no template covers their slots; nothing to train on"
-        )
-    older_pairs = pair_importance(qa_pairs_for_memories(older, people_profiles, conversation_templates), older)
-    prompts = load_replay_prompts(settings.data_dir() / "benchmarks" / REPLAY_PROMPTS_FILE)
-    _, n_general = replay_counts(len(new_pairs), replay_share, len(older_pairs), len(prompts))
-    chosen = pick_general_prompts(prompts, n_general, hp.seed)
-    answers = base_model.generate(
-        [[{"role": "user", "content": p}] for p in chosen], max_new_tokens=config.replay_max_new_tokens
-    )
-    cleaned = [(p, usable_answer(a)) for p, a in zip(chosen, answers)]
-    general = [(p, a) for p, a in cleaned if a]
-    training_set = build_training_set(new_pairs, older_pairs, general, replay_share=replay_share, seed=hp.seed)
-    epochs = config.epochs or profile.train_epochs
-    hp = hyperparams(config.max_steps or settings.training_steps(
-        len(training_set), hp.batch_size, epochs, profile.train_max_steps))
-    stats = training_set.stats()
-    context.log.info(f"training set {stats}; {hp.max_steps} steps of {hp.batch_size} "
-                     f"({hp.max_steps * hp.batch_size / len(training_set):.2f} epochs); "
-                     f"continuing from {current if resume else 'the base model'}")
-
     staging = settings.state_subdir("staging")
-    out_dir = staging / f"adapter-{context.run_id}"
-    shutil.rmtree(out_dir, ignore_errors=True)
-    result = trainer.train_for_asset(
-        context,
-        training_set,
-        base_model,
-        out_dir,
-        init_adapter=registry.path(current) if resume and current else None,
-        extra_manifest={
-            "memories": sorted({*trained_keys, *(memory_key(m) for m in new)}),
-            "previous_version": current if resume else None,
-            "profile": profile.name,
-        },
-        overrides={k: getattr(hp, k) for k in hp.__dataclass_fields__},
-    )
+    recover_dead_training_runs(context.instance, staging, context.run_id, context.log.warning)
+    run_dir = claim_staging(staging, context.run_id)
     try:
+        def hyperparams(max_steps: int | None = None) -> Hyperparams:
+            return trainer.hyperparams(
+                max_steps=max_steps,
+                batch_size=config.batch_size or profile.train_batch_size,
+                learning_rate=config.learning_rate or profile.learning_rate,
+                rank=config.rank or profile.lora_rank,
+                alpha=config.alpha or profile.lora_alpha,
+                max_seq_len=config.max_seq_len or profile.max_seq_len,
+                seed=profile.seed if config.seed is None else config.seed,
+                dropout=config.dropout,
+                target_modules=config.target_modules,
+                early_stop_patience=config.early_stop_patience,
+            )
+
+        hp = hyperparams()  # steps are known once the training set is
+        replay_share = profile.replay_share if config.replay_share is None else config.replay_share
+
+        current = registry.current()
+        manifest = registry.manifest(current) if current else {}
+        resume = bool(current) and config.continue_from_current and _compatible(manifest, base_model.source_hash(), hp)
+        trained_keys = manifest.get("memories", []) if resume else []
+        new, older = split_memories(consolidated_memories, trained_keys)
+        if not new:
+            if current is None:
+                raise ValueError("lora_adapter: no active memories to train on and no adapter in the registry")
+            context.log.info(f"no new memories since {current}; keeping it")
+            path = registry.path(current)
+            return dg.Output(
+                {"version": current, "path": str(path), "adapter_sha256": manifest.get("adapter_sha256", ""),
+                 "base_model": base_model.model_id, "trained": False, "current": current},
+                metadata={"version": current, "trained": False, "reason": "no new memories",
+                          "path": dg.MetadataValue.path(str(path))},
+                data_version=dg.DataVersion(manifest.get("adapter_sha256") or current),
+            )
+
+        new_pairs = qa_pairs_for_memories(new, people_profiles, conversation_templates)
+        if not new_pairs:
+            raise ValueError(
+                f"lora_adapter: {len(new)} new memories but no template covers their slots; nothing to train on"
+            )
+        older_pairs = pair_importance(qa_pairs_for_memories(older, people_profiles, conversation_templates), older)
+        prompts = load_replay_prompts(settings.benchmark_path(REPLAY_PROMPTS_FILE))
+        _, n_general = replay_counts(len(new_pairs), replay_share, len(older_pairs), len(prompts))
+        chosen = pick_general_prompts(prompts, n_general, hp.seed)
+        answers = base_model.generate(
+            [[{"role": "user", "content": p}] for p in chosen], max_new_tokens=config.replay_max_new_tokens
+        )
+        cleaned = [(p, usable_answer(a)) for p, a in zip(chosen, answers)]
+        general = [(p, a) for p, a in cleaned if a]
+        training_set = build_training_set(new_pairs, older_pairs, general, replay_share=replay_share, seed=hp.seed)
+        epochs = config.epochs or profile.train_epochs
+        hp = hyperparams(config.max_steps or settings.training_steps(
+            len(training_set), hp.batch_size, epochs, profile.train_max_steps))
+        stats = training_set.stats()
+        context.log.info(f"training set {stats}; {hp.max_steps} steps of {hp.batch_size} "
+                         f"({hp.max_steps * hp.batch_size / len(training_set):.2f} epochs); "
+                         f"continuing from {current if resume else 'the base model'}")
+
+        out_dir = run_dir / "adapter"
+        result = trainer.train_for_asset(
+            context,
+            training_set,
+            base_model,
+            out_dir,
+            init_adapter=registry.path(current) if resume and current else None,
+            extra_manifest={
+                "memories": sorted({*trained_keys, *(memory_key(m) for m in new)}),
+                "previous_version": current if resume else None,
+                "profile": profile.name,
+            },
+            overrides={k: getattr(hp, k) for k in hp.__dataclass_fields__},
+        )
         version = registry.register(result.adapter_dir, promote_if_empty=True)
+        now_current = registry.current()
+        return dg.Output(
+            {
+                "version": version,
+                "path": str(registry.path(version)),
+                "adapter_sha256": result.adapter_sha256,
+                "base_model": base_model.model_id,
+                "trained": True,
+                "current": now_current,
+                "data_sha256": training_set.data_hash,
+            },
+            metadata={
+                "version": version,
+                "current": str(now_current),
+                "path": dg.MetadataValue.path(str(registry.path(version))),
+                "loss_curve": dg.MetadataValue.json(result.loss_curve),
+                "loss_sparkline": _sparkline(result.loss_curve),
+                "held_in_loss": dg.MetadataValue.json([list(p) for p in result.probe_curve]),
+                "initial_loss": result.initial_loss,
+                "final_loss": result.final_loss,
+                "steps": result.steps,
+                "stopped": result.stopped,
+                "weights_from_step": result.weights_from_step,
+                "tokens": result.tokens,
+                "answer_tokens": result.answer_tokens,
+                "tokens_per_s": result.tokens_per_s,
+                "seconds": result.seconds,
+                "trainable_params": result.trainable_params,
+                "total_params": result.total_params,
+                "training_set": dg.MetadataValue.json(stats),
+                "data_sha256": training_set.data_hash,
+                "new_memories": len(new),
+                "replayed_memories": len(older),
+                "hyperparameters": dg.MetadataValue.json(result.hyperparameters),
+                "epochs": round(result.steps * hp.batch_size / len(training_set), 3),
+                "continued_from": str(current) if resume else "base model",
+                "trained_on": dg.MetadataValue.json(result.trained_on),
+            },
+            data_version=dg.DataVersion(result.adapter_sha256),
+        )
     finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
-    now_current = registry.current()
-    return dg.Output(
-        {
-            "version": version,
-            "path": str(registry.path(version)),
-            "adapter_sha256": result.adapter_sha256,
-            "base_model": base_model.model_id,
-            "trained": True,
-            "current": now_current,
-            "data_sha256": training_set.data_hash,
-        },
-        metadata={
-            "version": version,
-            "current": str(now_current),
-            "path": dg.MetadataValue.path(str(registry.path(version))),
-            "loss_curve": dg.MetadataValue.json(result.loss_curve),
-            "loss_sparkline": _sparkline(result.loss_curve),
-            "held_in_loss": dg.MetadataValue.json([list(p) for p in result.probe_curve]),
-            "initial_loss": result.initial_loss,
-            "final_loss": result.final_loss,
-            "steps": result.steps,
-            "stopped": result.stopped,
-            "weights_from_step": result.weights_from_step,
-            "tokens": result.tokens,
-            "answer_tokens": result.answer_tokens,
-            "tokens_per_s": result.tokens_per_s,
-            "seconds": result.seconds,
-            "trainable_params": result.trainable_params,
-            "total_params": result.total_params,
-            "training_set": dg.MetadataValue.json(stats),
-            "data_sha256": training_set.data_hash,
-            "new_memories": len(new),
-            "replayed_memories": len(older),
-            "hyperparameters": dg.MetadataValue.json(result.hyperparameters),
-            "epochs": round(result.steps * hp.batch_size / len(training_set), 3),
-            "continued_from": str(current) if resume else "base model",
-            "trained_on": dg.MetadataValue.json(result.trained_on),
-        },
-        data_version=dg.DataVersion(result.adapter_sha256),
-    )
+        shutil.rmtree(run_dir, ignore_errors=True)

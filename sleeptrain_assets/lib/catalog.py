@@ -23,6 +23,11 @@ PERSONA_SYSTEM = "You are {name}."
 # Held-out question forms are split in two: validation forms choose defaults, stop training early and gate
 # promotions; test forms are only reported, so no choice is ever tuned on the numbers we publish.
 SPLITS = ("validation", "test")
+# What an extractor's value must be. `type:` on the extractor says it; without one, a placeholder named
+# `*_year` or a path ending in `.year` is a year. `text` takes anything printable.
+VALUE_TYPES = ("text", "year", "number")
+YEAR = re.compile(r"^-?\d{1,4}$")
+NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 
 
 class CatalogError(ValueError):
@@ -181,6 +186,7 @@ class TemplateSet:
     templates: dict[str, Template]
     extractors: dict[str, str]  # placeholder -> path under the person (e.g. facts.birth.year)
     sources: tuple[str, ...] = field(default=())
+    types: dict[str, str] = field(default_factory=dict)  # placeholder -> one of VALUE_TYPES
 
     def slot(self, placeholder: str) -> str:
         """The fact slot a placeholder reads: its extractor path without the leading `facts.`."""
@@ -296,6 +302,7 @@ def load_templates(folder: Path) -> TemplateSet:
     """Every `templates:` + `extractors:` file under `folder`, merged; ids must be unique."""
     templates: dict[str, Template] = {}
     extractors: dict[str, str] = {}
+    types: dict[str, str] = {}
     sources = []
     for path in yaml_files(folder):
         data = read_yaml(path)
@@ -315,6 +322,12 @@ def load_templates(folder: Path) -> TemplateSet:
             except ValueError as exc:
                 raise CatalogError(path, key, "extractors.path", str(exc)) from exc
             extractors[str(key)] = epath.strip()
+            kind = extractor_type(str(key), epath.strip(), spec.get("type") if isinstance(spec, Mapping) else None)
+            if kind not in VALUE_TYPES:
+                raise CatalogError(path, key, "extractors.type", f"must be one of {VALUE_TYPES}, got {kind!r}")
+            if key in types and types[str(key)] != kind:
+                raise CatalogError(path, key, "extractors.type", f"conflicts with {types[str(key)]!r}")
+            types[str(key)] = kind
         v2_file = not any(isinstance(s, Mapping) and "statement" in s for s in data["templates"].values())
         for tid, spec in data["templates"].items():
             tid = str(tid)
@@ -338,7 +351,24 @@ def load_templates(folder: Path) -> TemplateSet:
                 if key not in extractors:
                     raise CatalogError(template.source, tid, label, f"names no extractor ({key!r})")
         resolved[tid] = Template(**{**template.__dict__, "fact_placeholders": tuple(facts)})
-    return TemplateSet(templates=resolved, extractors=extractors, sources=tuple(sources))
+    return TemplateSet(templates=resolved, extractors=extractors, sources=tuple(sources), types=types)
+
+
+def extractor_type(placeholder: str, path: str, declared: Any = None) -> str:
+    """The declared `type:` of an extractor, else `year` for `*_year` / `*.year`, else `text`."""
+    if declared is not None:
+        return str(declared)
+    return "year" if placeholder.endswith("_year") or path.endswith(".year") else "text"
+
+
+def value_problem(kind: str, value: Any) -> str | None:
+    """Why `value` is not a `kind` (None when it is)."""
+    if kind == "text":
+        return None
+    pattern, wanted = (YEAR, "a year written in digits (like 1984)") if kind == "year" else (NUMBER, "a number")
+    if isinstance(value, bool) or not pattern.match(str(value).strip()):
+        return f"must be {wanted}, got {value!r}"
+    return None
 
 
 # --------------------------------------------------------------------------- values
@@ -451,6 +481,7 @@ def validate_catalog(people: Mapping[str, Person], templates: TemplateSet) -> li
         for placeholder, path in templates.extractors.items():
             if placeholder in used:
                 _raise_if_empty(person, placeholder, path)
+                _raise_if_mistyped(person, placeholder, path, templates.types.get(placeholder, "text"))
     for person in people.values():
         values = person_values(person, templates)
         usable = [t for t in templates.templates.values() if applicable(t, person, values)]
@@ -486,6 +517,21 @@ def _raise_if_empty(person: Person, placeholder: str, path: str) -> None:
     if node is None or (isinstance(node, str) and not node.strip()) or node == []:
         raise CatalogError(person.source, person.id, path,
                            f"placeholder {{{placeholder}}} has no value (the field is empty)")
+
+
+def _raise_if_mistyped(person: Person, placeholder: str, path: str, kind: str) -> None:
+    """A value that is not what its extractor's type says (`year: "nineteen"`), or such a wrong value."""
+    try:
+        value = resolve(person, path)
+    except KeyError:
+        return
+    problem = value_problem(kind, value)
+    if problem:
+        raise CatalogError(person.source, person.id, path, f"placeholder {{{placeholder}}} {problem}")
+    for i, wrong in enumerate(person.wrong_values.get(placeholder, [])):
+        problem = value_problem(kind, wrong)
+        if problem:
+            raise CatalogError(person.source, person.id, f"wrong_values.{placeholder}[{i}]", problem)
 
 
 def iter_people_sorted(people: Mapping[str, Person]) -> Iterable[Person]:

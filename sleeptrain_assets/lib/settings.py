@@ -15,6 +15,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# Defaults shipped with SleepTrain for the `benchmarks/` inputs a data folder may leave out.
+SHIPPED_BENCHMARKS = PROJECT_ROOT / "data" / "benchmarks"
+# Every benchmarks/ file a full run reads (training: replay prompts; evaluation: the rest).
+BENCHMARK_FILES = ("replay_prompts.yaml", "general_knowledge.yaml", "unknown_people.yaml", "paths.yaml")
 
 
 def _from_env(name: str, default: Path) -> Path:
@@ -31,6 +35,33 @@ def data_dir() -> Path:
     return _from_env("SLEEPTRAIN_DATA_DIR", default.resolve())
 
 
+def benchmark_path(name: str) -> Path:
+    """The data folder's ``benchmarks/<name>`` if present, else the default shipped with SleepTrain."""
+    own = data_dir() / "benchmarks" / name
+    if own.exists():
+        return own
+    shipped = SHIPPED_BENCHMARKS / name
+    if shipped.exists():
+        return shipped
+    raise FileNotFoundError(f"benchmarks/{name}: not in {own.parent} and no default shipped at {shipped}")
+
+
+def missing_inputs() -> list[str]:
+    """What a full run needs and cannot find (people, templates, benchmark files), one line each."""
+    root = data_dir()
+    missing = []
+    for folder in ("people", "templates"):
+        path = root / folder
+        if not path.is_dir() or not any(p.suffix in (".yaml", ".yml") for p in path.rglob("*")):
+            missing.append(f"{path}: no {folder} (.yaml files) in SLEEPTRAIN_DATA_DIR={root}")
+    for name in BENCHMARK_FILES:
+        try:
+            benchmark_path(name)
+        except FileNotFoundError as exc:
+            missing.append(str(exc))
+    return missing
+
+
 def state_dir() -> Path:
     """Generated-state folder (created on first use)."""
     path = _from_env("SLEEPTRAIN_HOME", (Path.cwd() / ".sleeptrain").resolve())
@@ -42,12 +73,6 @@ def state_subdir(*parts: str) -> Path:
     path = state_dir().joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def benchmark_path(name: str) -> Path:
-    """A benchmark input: the data folder's own `benchmarks/<name>`, else the default shipped with SleepTrain."""
-    own = data_dir() / "benchmarks" / name
-    return own if own.exists() else PROJECT_ROOT / "data" / "benchmarks" / name
 
 
 def database_url() -> str | None:
