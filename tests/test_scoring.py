@@ -222,8 +222,9 @@ def test_interference_items_from_lookalikes(catalog):
 def test_locality_and_probe_files_load(catalog):
     people, _ = catalog
     locality = eval_suite.load_locality_items(DATA / "benchmarks" / eval_suite.GENERAL_KNOWLEDGE_FILE)
-    assert {i.category for i in locality} == {"general", "other_people"}
-    assert all(i.keywords and i.kind == "locality" for i in locality)
+    assert {i.category for i in locality} == {"general", "other_people", "open"}
+    assert all(i.keywords for i in locality if i.category != "open")
+    assert {i.kind for i in locality} == {"locality", "unchanged", "neighbourhood"}
     probes = eval_suite.load_hallucination_probes(DATA / "benchmarks" / eval_suite.UNKNOWN_PEOPLE_FILE, people)
     assert probes and all(p.kind == "hallucination" and p.slot for p in probes)
 
@@ -281,9 +282,10 @@ def test_plan_answers_and_scores_end_to_end_with_a_rule_based_model(catalog):
     vectors = {t: np.array([1.0]) for t in texts}
     scores = eval_suite.score_plan(plan, answers, vectors)
     summary = scoring.summarize(scores["adapter"], {p: v.kind for p, v in people.items()})
-    for kind in ("recall", "paraphrase", "identity", "multi_turn", "locality", "correction"):
+    for kind in ("recall", "paraphrase", "identity", "multi_turn", "locality", "correction", "confirmation",
+                 "unchanged"):
         assert summary["by_kind"][kind]["rate"] == 1.0, kind
-    assert plan.counts()["multi_turn"] == eval_suite.MULTI_TURN_TURNS
+    assert plan.counts()["multi_turn"] == eval_suite.MULTI_TURN_TURNS * len(people)  # one conversation each
     assert calls[0] == len({json.dumps(i.messages()) for i in plan.single})  # identical prompts asked once
 
 
@@ -295,12 +297,14 @@ def test_shipped_replay_prompts_never_repeat_an_evaluation_question(catalog):
     items = [*eval_suite.load_locality_items(bench / eval_suite.GENERAL_KNOWLEDGE_FILE),
              *eval_suite.load_hallucination_probes(bench / eval_suite.UNKNOWN_PEOPLE_FILE, people)]
     assert eval_suite.trained_overlap(items, load_replay_prompts(bench / "replay_prompts.yaml")) == []
-    assert eval_suite.trained_overlap(items, ["what is the capital of FRANCE"]) == ["locality:capital_france"]
+    assert eval_suite.trained_overlap(items, ["what is the capital of FRANCE"]) == [
+        "locality:capital_france", "unchanged:capital_france"]
     # Replay covers neighbouring knowledge, never the probes' own entities: locality then measures whether
     # replay generalises to what it did not replay.
     prompts = " ".join(load_replay_prompts(bench / "replay_prompts.yaml"))
     entities = {w for i in items for k in (*i.keywords, i.question) for w in re.findall(r"\b[A-Z][a-z]{2,}\b", k)}
-    entities -= {"What", "Who", "When", "Where", "Which", "How", "The", "Does", "Did", "Tell", "Name"}
+    entities -= {"What", "Who", "When", "Where", "Which", "How", "The", "Does", "Did", "Tell", "Name",
+                 "Describe", "Explain", "Give", "Suggest", "Write"}  # open prompts open with a verb
     assert not [e for e in sorted(entities) if re.search(rf"\b{e}\b", prompts)]
 
 
