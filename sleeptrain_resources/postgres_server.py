@@ -125,30 +125,22 @@ def gpu_count() -> int:
     return sum(1 for line in listed.stdout.splitlines() if line.startswith("GPU "))
 
 
-def limit_gpu_pool(environment: Mapping[str, str], gpus: int) -> int | None:
-    """Give the gpu pool one slot per GPU when the instance has no explicit limit for it yet; returns the limit set.
+def limit_gpu_pool(dagster_home: Path, gpus: int) -> int | None:
+    """Give the gpu pool one slot per GPU unless someone set its limit by hand; returns the limit set, if any.
 
-    With one GPU or none, the instance file's default limit (1) already holds. A limit someone set by hand
-    (`dagster instance concurrency set gpu N`, the UI) is kept.
+    With one GPU or none, the instance file's default limit (1) already holds. A limit set with
+    `dagster instance concurrency set gpu N` or in the UI is kept. Needs the instance's environment set.
     """
     if gpus <= 1:
         return None
     import dagster as dg
 
-    saved = {key: os.environ.get(key) for key in environment}
-    os.environ.update(environment)
-    try:
-        with dg.DagsterInstance.from_config(environment["DAGSTER_HOME"]) as instance:
-            if GPU_POOL in instance.event_log_storage.get_concurrency_keys():
-                return None
-            instance.event_log_storage.set_concurrency_slots(GPU_POOL, gpus)
-            return gpus
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        storage = instance.event_log_storage
+        if any(p.name == GPU_POOL and not p.from_default for p in storage.get_pool_limits()):
+            return None
+        storage.set_concurrency_slots(GPU_POOL, gpus)
+        return gpus
 
 
 def server_environment(server: Any, dagster_home: Path) -> dict[str, str]:
@@ -168,12 +160,13 @@ def run_with_server(command: Sequence[str], *, pgdata: Path, dagster_home: Path)
         create_database(admin, DAGSTER_DATABASE)
         create_database(admin, MEMORY_DATABASE, extensions=("vector",))
         prepare_dagster_home(dagster_home)
-        environment = server_environment(server, dagster_home)
-        pool_limit = limit_gpu_pool(environment, gpu_count())
+        # This process only launches the command: the command and the instance opened here share the variables.
+        os.environ.update(server_environment(server, dagster_home))
+        pool_limit = limit_gpu_pool(dagster_home, gpu_count())
         print(f"sleeptrain: PostgreSQL {server.get_pid()} on {pgdata} (log: {pgdata / 'log'}); "
               f"DAGSTER_HOME={dagster_home}; memory store: database {MEMORY_DATABASE!r}"
               + (f"; gpu pool limit {pool_limit}" if pool_limit else ""), file=sys.stderr, flush=True)
-        return _run_forwarding_signals(command, {**os.environ, **environment})
+        return _run_forwarding_signals(command, os.environ)
     finally:
         server.cleanup()
 

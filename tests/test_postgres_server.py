@@ -155,3 +155,25 @@ def test_dagster_gets_the_psycopg2_driver() -> None:
     assert sqlalchemy_url("postgres://u:p@h:5432/d") == "postgresql+psycopg2://u:p@h:5432/d"
     with pytest.raises(ValueError):
         sqlalchemy_url("mysql://u@h/d")
+
+
+def test_the_gpu_pool_gets_one_slot_per_gpu_unless_someone_set_it(postgres_url: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import dagster as dg
+
+    from sleeptrain_resources.postgres_server import GPU_POOL, limit_gpu_pool, prepare_dagster_home
+
+    home = prepare_dagster_home(tmp_path / "dagster-home")
+    monkeypatch.setenv("SLEEPTRAIN_DAGSTER_STORAGE_URL", sqlalchemy_url(postgres_url))
+
+    def limits() -> dict[str, tuple[int, bool]]:
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            return {p.name: (p.limit, p.from_default) for p in instance.event_log_storage.get_pool_limits()}
+
+    assert limit_gpu_pool(home, 1) is None and GPU_POOL not in limits()
+    assert limit_gpu_pool(home, 4) == 4
+    assert limits()[GPU_POOL] == (4, False)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.event_log_storage.set_concurrency_slots(GPU_POOL, 2)  # an operator's choice
+    assert limit_gpu_pool(home, 8) is None
+    assert limits()[GPU_POOL] == (2, False)
