@@ -177,3 +177,30 @@ def test_the_gpu_pool_gets_one_slot_per_gpu_unless_someone_set_it(postgres_url: 
         instance.event_log_storage.set_concurrency_slots(GPU_POOL, 2)  # an operator's choice
     assert limit_gpu_pool(home, 8) is None
     assert limits()[GPU_POOL] == (2, False)
+
+
+def test_a_second_command_joins_the_running_server_and_leaves_it_running(server_root: Path) -> None:
+    ready = server_root / "ready"
+    first = subprocess.Popen(
+        _runner(server_root, "import os, time; open(os.environ['READY'], 'w').close(); time.sleep(120)"),
+        env={**_env(), "READY": str(ready)}, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert first.poll() is None and time.monotonic() < deadline, "the first command never started"
+            time.sleep(0.2)
+        server_pid = _postmaster_pid(server_root / "data")
+        second = subprocess.run(_runner(server_root, WRITE_ROW), env={**_env(), "NOTE": "joined"}, cwd=REPO,
+                                capture_output=True, text=True, timeout=180)
+        assert second.returncode == 0, second.stderr
+        assert "ROWS joined" in second.stdout
+        # Same server, still up for the first command.
+        assert _postmaster_pid(server_root / "data") == server_pid
+        assert _alive(server_pid, settle_seconds=0)
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=90) == 130  # the command died of the forwarded Ctrl-C
+        assert not _alive(server_pid)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
