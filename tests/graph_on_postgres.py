@@ -19,6 +19,22 @@ REPO = Path(__file__).resolve().parents[1]
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
 
 
+def expected_definitions() -> dict[str, set]:
+    """What the code location holds, read from it, so tests follow when assets, jobs, sensors or schedules are added."""
+    from sleeptrain_assets.definitions import defs
+
+    definitions = defs()
+    graph = definitions.resolve_asset_graph()
+    return {
+        "assets": {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).is_materializable},
+        "checks": {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys},
+        "groups": {graph.get(k).group_name for k in graph.get_all_asset_keys()},
+        "jobs": {job.name for job in definitions.jobs or []},
+        "sensors": {sensor.name for sensor in definitions.sensors or []},
+        "schedules": {schedule.name for schedule in definitions.schedules or []},
+    }
+
+
 @dataclass(frozen=True)
 class GraphOnPostgres:
     env: dict[str, str]  # what every Dagster process of this deployment runs with

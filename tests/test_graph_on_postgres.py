@@ -10,18 +10,9 @@ import textwrap
 
 import pytest
 
-from tests.graph_on_postgres import REPO, GraphOnPostgres
+from tests.graph_on_postgres import REPO, GraphOnPostgres, expected_definitions
 
 pytestmark = pytest.mark.slow
-
-
-def _definitions() -> tuple[set[str], set[tuple[str, str]]]:
-    from sleeptrain_assets.definitions import defs
-
-    graph = defs().resolve_asset_graph()
-    assets = {key.to_user_string() for key in graph.get_all_asset_keys() if graph.get(key).is_materializable}
-    checks = {(key.asset_key.to_user_string(), key.name) for key in graph.asset_check_keys}
-    return assets, checks
 
 
 def _rows(url: str, query: str, *params: object) -> list[tuple]:
@@ -38,7 +29,8 @@ def _key(stored: str) -> str:
 
 def test_postgres_holds_the_run_its_materializations_checks_and_memories(graph_on_postgres: GraphOnPostgres) -> None:
     dagster_db, memory_db = graph_on_postgres.dagster_db_url, graph_on_postgres.memory_db_url
-    assets, checks = _definitions()
+    expected = expected_definitions()
+    assets, checks = expected["assets"], expected["checks"]
 
     runs = _rows(dagster_db, "SELECT run_id, status FROM runs")
     assert len(runs) == 1 and runs[0][1] == "SUCCESS", runs
@@ -74,8 +66,9 @@ def test_postgres_holds_the_run_its_materializations_checks_and_memories(graph_o
 
 SECOND_PROCESS = """
     import json
+    import sys
     import dagster as dg
-    keys = [dg.AssetKey(k) for k in json.loads(__import__("sys").argv[1])]
+    keys = [dg.AssetKey(k) for k in json.loads(sys.argv[1])]
     with dg.DagsterInstance.get() as instance:
         events = instance.get_latest_materialization_events(keys)
         print(json.dumps({
@@ -87,7 +80,7 @@ SECOND_PROCESS = """
 
 
 def test_a_second_dagster_process_sees_the_materializations(graph_on_postgres: GraphOnPostgres) -> None:
-    assets, _ = _definitions()
+    assets = expected_definitions()["assets"]
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(SECOND_PROCESS), json.dumps(sorted(assets))],
                           cwd=REPO, env=graph_on_postgres.env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.graph_on_postgres import REPO, GraphOnPostgres
+from tests.graph_on_postgres import REPO, GraphOnPostgres, expected_definitions
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 WIDTH, HEIGHT = 1600, 1000
@@ -109,26 +109,10 @@ def webserver(graph_on_postgres: GraphOnPostgres) -> Iterator[str]:
         log.unlink(missing_ok=True)
 
 
-def _expected() -> dict[str, set]:
-    """What the definitions hold, read from them, so the test follows when jobs, sensors or schedules are added."""
-    from sleeptrain_assets.definitions import defs
-
-    definitions = defs()
-    graph = definitions.resolve_asset_graph()
-    return {
-        "assets": {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).is_materializable},
-        "checks": {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys},
-        "groups": {graph.get(k).group_name for k in graph.get_all_asset_keys()},
-        "jobs": {job.name for job in definitions.jobs or []},
-        "sensors": {sensor.name for sensor in definitions.sensors or []},
-        "schedules": {schedule.name for schedule in definitions.schedules or []},
-    }
-
-
 def test_graphql_serves_the_asset_graph_and_the_latest_materializations(
     webserver: str, graph_on_postgres: GraphOnPostgres
 ) -> None:
-    expected = _expected()
+    expected = expected_definitions()
     data = _graphql(webserver, UI_QUERY)
     (repository,) = data["repositoriesOrError"]["nodes"]
     assert {j["name"] for j in repository["jobs"] if not j["name"].startswith("__")} == expected["jobs"]
@@ -194,7 +178,7 @@ def _assert_rendered_png(shot: Path) -> None:
 def test_chromium_renders_the_asset_graph_and_the_leaderboard_page(
     webserver: str, graph_on_postgres: GraphOnPostgres, tmp_path: Path
 ) -> None:
-    expected = _expected()
+    expected = expected_definitions()
     # Groups start collapsed on the lineage page; `expanded` opens every one so each asset is drawn.
     groups = ",".join(f"global@global:{group}" for group in sorted(expected["groups"]))
     graph_png = tmp_path / "dagster-asset-graph.png"
