@@ -495,14 +495,18 @@ def failed_cycle_recorder(context: dg.RunFailureSensorContext) -> None:
     cycle = context.dagster_run.tags.get("dagster/partition")
     if not cycle:
         return
+    record_cycle_failure(cycle, context.dagster_run.run_id, context.failure_event.message or "run failed")
+
+
+def record_cycle_failure(cycle: str, run_id: str, message: str) -> None:
+    """Mark a cycle's report failed, unless the run stopped at the promotion gate (a rejection, recorded as one)."""
     folder = cycle_folder(cycle)
     report = cycle_report.read_json(folder / cycle_report.REPORT_JSON, {"cycle": cycle})
-    message = context.failure_event.message or "run failed"
     if report.get("status") == "rejected":
         cycle_report.update_report(folder, run_stopped_by="the blocking promotion check (expected on a rejection)")
         return
-    cycle_report.update_report(folder, status="failed", failure={"run_id": context.dagster_run.run_id,
-                                                                 "message": message, "time": inbox.now()})
+    cycle_report.update_report(folder, status="failed", failure={"run_id": run_id, "message": message,
+                                                                 "time": inbox.now()})
 
 
 @dg.definitions
@@ -514,3 +518,37 @@ def cycle_definitions() -> dg.Definitions:
         sensors=[inbox_sensor, failed_cycle_recorder],
         schedules=[nightly_sleep],
     )
+
+
+def run_cycle_now(
+    instance: dg.DagsterInstance,
+    *,
+    dry_run: bool = False,
+    baseline_version: str | None = None,
+    extra_run_config: dict[str, Any] | None = None,
+) -> tuple[str | None, str, dg.ExecuteInProcessResult | None]:
+    """Open a cycle on what is new in the inbox, as the sensor would, and run it in this process.
+
+    Returns (cycle key or None, skip reason or '', result). Used by `sleeptrain cycle` and the tests.
+    """
+    from sleeptrain_assets.definitions import defs
+
+    ledger = inbox.load_ledger()
+    plan = inbox.plan_batch(inbox.inbox_dir(), inbox.ledger_seen(ledger), known_names(), 1)
+    set_aside(plan)
+    if plan.skip_reason:
+        return None, plan.skip_reason, None
+    last = inbox.last_cycle_number(ledger, instance.get_dynamic_partitions(cycles_partitions.name))
+    key = inbox.cycle_key(last + 1)
+    instance.add_dynamic_partitions(cycles_partitions.name, [key])
+    config = run_config(plan, dry_run=dry_run, baseline_version=baseline_version)
+    for op, op_config in (extra_run_config or {}).get("ops", {}).items():
+        config["ops"].setdefault(op, {}).update(op_config)
+    job = defs().resolve_job_def(JOB_NAME)
+    result = job.execute_in_process(run_config=config, instance=instance, partition_key=key, raise_on_error=False,
+                                    tags={"sleeptrain/cycle": key, "sleeptrain/launched_by": "sleeptrain cycle"})
+    if not result.success:
+        # In-process runs do not reach the run-failure sensor: record the failure the same way.
+        failures = [e.message or "" for e in result.all_events if e.is_step_failure]
+        record_cycle_failure(key, result.run_id, "; ".join(failures) or "run failed")
+    return key, "", result
