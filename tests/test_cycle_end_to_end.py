@@ -9,6 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from sleeptrain_assets.cli import _person_name
 from sleeptrain_assets.defs.cycles import run_cycle_now
 from sleeptrain_resources.registry import AdapterRegistry
 
@@ -72,6 +73,11 @@ def test_a_cycle_promotes_what_it_learned_and_a_forgetting_challenger_is_rejecte
         champion = registry.current()
         assert champion == report["promoted_version"] == report["champion_after"]
         assert (sleeptrain_env / "people" / "saskia_claes.yaml").is_file()
+        assert _person_name("saskia_claes") == "Saskia Claes", "`sleeptrain ask --person` knows her now"
+        hedge = report["hedge"]
+        assert hedge["reward"] > 0 and hedge["after"]["STORE"] > hedge["before"]["STORE"]
+        assert (sleeptrain_env / "hedge" / "policy.json").is_file()
+        assert "Retention across cycles" in (sleeptrain_env / "cycles" / key / "report.md").read_text()
         assert report["evaluation"]["challenger"]["new_fact_recall"] >= 0.75
         assert report["evaluation"]["champion"]["new_fact_recall"] <= 0.2, "the base model cannot know her"
         champion_sha = _sha(registry.path(champion))
@@ -87,5 +93,8 @@ def test_a_cycle_promotes_what_it_learned_and_a_forgetting_challenger_is_rejecte
         assert report2["status"] == "rejected" and not report2["decision"]["accepted"]
         failed = {g["gate"] for g in report2["decision"]["gates"] if not g["passed"]}
         assert "retention_budget" in failed, report2["decision"]["reasons"]
+        assert report2["hedge"]["reward"] < 0, "a rejected cycle is a negative reward for what routing kept"
+        cohorts = report2["retention"]["cohorts"]
+        assert cohorts[0]["values"][1] is not None, "cycle 1's facts are re-scored in cycle 2"
         assert registry.current() == champion and _sha(registry.path(champion)) == champion_sha
         assert report2["decision"]["challenger"] in registry.versions(), "a rejected challenger is still kept"

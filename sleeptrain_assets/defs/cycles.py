@@ -417,6 +417,11 @@ def champion_adapter(
     batch, decision = cycle_inbox_batch, promotion_decision
     promoted = None
     if decision["accepted"] and not batch["dry_run"]:
+        now_current = registry.current()
+        if now_current != decision["champion"] and not batch.get("baseline_version"):
+            # The challenger beat the champion it was compared with, not whatever is current now.
+            raise RuntimeError(f"{batch['cycle']}: the champion moved from {decision['champion']} to {now_current} "
+                               "during the cycle; nothing promoted, run a new cycle against the new champion")
         prior = registry.promote(decision["challenger"], cycle=batch["cycle"], metrics=decision["metrics"],
                                  decision={"accepted": True, "reasons": decision["reasons"]})
         promoted = decision["challenger"]
