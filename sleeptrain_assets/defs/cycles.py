@@ -17,7 +17,7 @@ import dagster as dg
 from pydantic import Field
 
 from sleeptrain_assets.defs.memory import HEDGE_STATE, HippocampusConfig, apply_hippocampus
-from sleeptrain_assets.defs.training import GPU_OP_TAGS, LoraConfig, _compatible, hyperparams, train_adapter
+from sleeptrain_assets.defs.training import GPU_OP_TAGS, LoraConfig, compatible_with, hyperparams, train_adapter
 from sleeptrain_assets.lib import cycle_report, eval_suite, inbox, settings
 from sleeptrain_assets.lib.atomic import write_json_atomic
 from sleeptrain_assets.lib.catalog import load_templates, validate_catalog
@@ -223,7 +223,7 @@ def challenger_adapter(
     baseline = _baseline(registry, batch)
     people, _, templates, _ = _catalog()
     manifest = registry.manifest(baseline) if baseline else {}
-    resume = bool(baseline) and _compatible(manifest, base_model.source_hash(), hyperparams(trainer, config))
+    resume = bool(baseline) and compatible_with(manifest, base_model.source_hash(), hyperparams(trainer, config))
     trained_keys = manifest.get("memories", []) if resume else []
     cycle_new = cycle_memories["new_memories"]
     new, older = split_memories(memory_store.active_memories(), trained_keys)
@@ -390,6 +390,7 @@ def promotion_decision(
         "metrics": dg.MetadataValue.json(decision["metrics"]), "retention": dg.MetadataValue.md(
             cycle_report.retention_markdown(curve)),
         "hedge": dg.MetadataValue.json(hedge or {}),
+        "report": dg.MetadataValue.path(str(cycle_folder(batch["cycle"]) / cycle_report.REPORT_MD)),
     })
 
 

@@ -68,7 +68,8 @@ class LoraConfig(dg.Config):
     )
 
 
-def _compatible(manifest: dict[str, Any], base_sha: str, hp: Hyperparams) -> bool:
+def compatible_with(manifest: dict[str, Any], base_sha: str, hp: Hyperparams) -> bool:
+    """Whether training may continue from the adapter of `manifest`: same base weights, rank, alpha, modules."""
     trained = manifest.get("hyperparameters", {})
     return (
         manifest.get("base_model", {}).get("sha256") == base_sha
@@ -118,7 +119,7 @@ def lora_adapter(
     hp = hyperparams(trainer, config)  # steps are known once the training set is
     current = registry.current()
     manifest = registry.manifest(current) if current else {}
-    resume = bool(current) and config.continue_from_current and _compatible(manifest, base_model.source_hash(), hp)
+    resume = bool(current) and config.continue_from_current and compatible_with(manifest, base_model.source_hash(), hp)
     trained_keys = manifest.get("memories", []) if resume else []
     new, older = split_memories(consolidated_memories, trained_keys)
     if not new:
