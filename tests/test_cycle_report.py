@@ -85,3 +85,19 @@ def test_definitions_hold_the_cycle_job_sensors_schedule_and_blocking_gate() -> 
     assert graph.get_check_spec(check).blocking
     assert {s.name for s in definitions.sensors} >= {"inbox_sensor", "failed_cycle_recorder"}
     assert {s.name for s in definitions.schedules} >= {"nightly_sleep"}
+
+
+def test_a_failed_cycle_is_recorded_and_a_gate_rejection_is_not_called_a_failure(sleeptrain_env: Path) -> None:
+    from sleeptrain_assets.defs.cycles import record_cycle_failure
+
+    folder = sleeptrain_env / "cycles" / "cycle-000004"
+    cycle_report.write_report(folder, {"cycle": "cycle-000004", "status": "running"})
+    record_cycle_failure("cycle-000004", "run-1", "TrainingFailed: loss diverged")
+    report = cycle_report.read_json(folder / cycle_report.REPORT_JSON, {})
+    assert report["status"] == "failed" and report["failure"]["message"] == "TrainingFailed: loss diverged"
+    assert "## Failure" in (folder / cycle_report.REPORT_MD).read_text()
+
+    cycle_report.write_report(folder, {"cycle": "cycle-000004", "status": "rejected"})
+    record_cycle_failure("cycle-000004", "run-2", "1 blocking asset check failed")
+    report = cycle_report.read_json(folder / cycle_report.REPORT_JSON, {})
+    assert report["status"] == "rejected" and "blocking promotion check" in report["run_stopped_by"]
