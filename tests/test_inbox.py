@@ -125,3 +125,19 @@ def test_learned_people_persist_load_with_data_people_and_are_not_trusted_profil
     assert people["saskia_claes"].facts["birth"]["year"] == 1979 and people["saskia_claes"].name == "Saskia Claes"
     trusted = trusted_profiles(people, learned)
     assert trusted["saskia_claes"].facts == {} and trusted["lena_varga"].facts == people["lena_varga"].facts
+
+
+def test_a_learned_person_contradicting_their_earlier_words_corrects_the_memory_not_rejected() -> None:
+    """Their facts are their own words, not a trusted profile: "now a carpenter" supersedes "luthier"."""
+    from sleeptrain_assets.lib.hippocampus import decide
+    from sleeptrain_assets.lib.records import CandidateFact
+
+    person = Person("saskia_claes", "Saskia Claes", {"career": {"occupation": "luthier"}}, kind="fictional")
+    stored = [Memory(id="m-old", person_id="saskia_claes", slot="career.occupation", value="luthier",
+                     text="These days I work as a luthier.", embedding=(), importance=5.0, source="c1#1")]
+    claim = CandidateFact("saskia_claes", "career.occupation", "carpenter", "I work as a carpenter now.",
+                          conversation_id="c2", turn_index=1)
+    [as_trusted] = decide([claim], {"saskia_claes": person}, stored, losses={}, routing=None)
+    assert as_trusted.action == "REJECT", "a trusted profile would refuse the change"
+    [as_learned] = decide([claim], trusted_profiles({"saskia_claes": person}, {"saskia_claes"}), stored)
+    assert as_learned.action == "CORRECT" and as_learned.superseded_id == "m-old"

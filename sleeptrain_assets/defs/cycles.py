@@ -458,7 +458,7 @@ def open_cycle(plan: inbox.BatchPlan, last_number: int) -> tuple[str, dg.RunRequ
                               tags={"sleeptrain/cycle": key})
 
 
-@dg.sensor(job=sleep_cycle, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED)
+@dg.sensor(job=sleep_cycle, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
 def inbox_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     """Opens a cycle when the inbox holds enough new conversations; the cursor keeps files and hashes taken."""
     cursor = json.loads(context.cursor) if context.cursor else {}
