@@ -185,8 +185,12 @@ def cycle_memories(
     decisions, report, routing, scored_on = apply_hippocampus(
         context, config, candidates, conversations, profiles, memory_store, embedder, base_model,
         registry.path(baseline) if baseline else None)
-    kept_ids = {d.memory_id for d in decisions if d.action in ("STORE", "CORRECT") and d.memory_id}
-    new_memories = [m for mid in sorted(kept_ids) if (m := memory_store.get(mid)) is not None and m.status == "active"]
+    # New: what this batch says that the baseline's weights do not hold yet. MERGEs count too, so a cycle re-run
+    # after a crash (its memories already stored) still trains and evaluates them.
+    trained = set(registry.manifest(baseline).get("memories", [])) if baseline else set()
+    kept_ids = {d.memory_id for d in decisions if d.action != "REJECT" and d.memory_id}
+    new_memories = [m for mid in sorted(kept_ids) if (m := memory_store.get(mid)) is not None
+                    and m.status == "active" and memory_key(m) not in trained]
     persisted = {}
     for pid in sorted({c.person_id for c in conversations} & self_reported):
         name = profiles[pid].name
