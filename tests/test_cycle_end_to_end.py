@@ -69,6 +69,8 @@ def test_a_cycle_promotes_what_it_learned_and_a_forgetting_challenger_is_rejecte
         report = _report(sleeptrain_env, key)
         print(json.dumps({k: report.get(k) for k in ("status", "decision", "evaluation", "training")}, indent=1))
         assert result.success and key == "cycle-000001"
+        [gate] = result.get_asset_check_evaluations()
+        assert gate.check_name == "challenger_passes_promotion_gates" and gate.passed
         assert report["status"] == "promoted" and report["decision"]["accepted"]
         champion = registry.current()
         assert champion == report["promoted_version"] == report["champion_after"]
@@ -90,6 +92,9 @@ def test_a_cycle_promotes_what_it_learned_and_a_forgetting_challenger_is_rejecte
         report2 = _report(sleeptrain_env, key2)
         print(json.dumps({k: report2.get(k) for k in ("status", "decision", "evaluation", "training")}, indent=1))
         assert key2 == "cycle-000002" and not result2.success, "the blocking gate stops the run"
+        [gate2] = result2.get_asset_check_evaluations()
+        assert not gate2.passed and gate2.asset_check_key.asset_key == dg.AssetKey("promotion_decision")
+        assert [e.step_key for e in result2.all_events if e.is_step_failure] == ["promotion_decision"]
         assert report2["status"] == "rejected" and not report2["decision"]["accepted"]
         failed = {g["gate"] for g in report2["decision"]["gates"] if not g["passed"]}
         assert "retention_budget" in failed, report2["decision"]["reasons"]

@@ -326,6 +326,7 @@ def cycle_evaluation(
     report_view = {k: v for k, v in result.items() if k not in ("answers",) and not k.endswith("_facts")}
     report_view.setdefault("challenger", {})
     cycle_report.update_report(cycle_folder(batch["cycle"]), evaluation=report_view)
+    write_json_atomic(cycle_folder(batch["cycle"]) / "answers.json", result["answers"])
     rows = [[name, *(result.get(s, {}).get(name) for s in ("champion", "challenger"))]
             for name in ("new_fact_recall", "retention", "locality")]
     return dg.Output(result, metadata={
@@ -352,7 +353,15 @@ def _hedge_reward(batch: dict[str, Any], memories: dict[str, Any], decision: dic
             "after": {k: round(v, 4) for k, v in policy.probabilities().items()}}
 
 
-@dg.asset(group_name=GROUP, partitions_def=cycles_partitions)
+GATE_CHECK = "challenger_passes_promotion_gates"
+
+
+# The gate is a check spec of the asset itself, so it judges this partition's decision (a separate
+# @asset_check on a partitioned asset would load the decisions of every cycle).
+@dg.asset(group_name=GROUP, partitions_def=cycles_partitions, check_specs=[dg.AssetCheckSpec(
+    GATE_CHECK, asset="promotion_decision", blocking=True,
+    description="Every promotion gate passed (or there is no challenger); a failure stops the cycle before the "
+                "registry.")])
 def promotion_decision(
     context: dg.AssetExecutionContext,
     config: PromotionConfig,
@@ -360,7 +369,7 @@ def promotion_decision(
     cycle_memories: dict[str, Any],
     challenger_adapter: dict[str, Any],
     cycle_evaluation: dict[str, Any],
-) -> dg.Output[dict[str, Any]]:
+):
     """Whether the challenger replaces the champion: every gate with its verdict, the reasons and the metrics."""
     batch = cycle_inbox_batch
     if not challenger_adapter["trained"]:
@@ -389,20 +398,20 @@ def promotion_decision(
                                else None)
     for reason in decision["reasons"]:
         context.log.info(f"{'accepted' if decision['accepted'] else 'rejected'}: {reason}")
-    return dg.Output(decision, metadata={
+    yield dg.Output(decision, metadata={
         "accepted": decision["accepted"], "reasons": dg.MetadataValue.md("\n".join(f"- {r}" for r in decision["reasons"])),
         "metrics": dg.MetadataValue.json(decision["metrics"]), "retention": dg.MetadataValue.md(
             cycle_report.retention_markdown(curve)),
         "hedge": dg.MetadataValue.json(hedge or {}),
         "report": dg.MetadataValue.path(str(cycle_folder(batch["cycle"]) / cycle_report.REPORT_MD)),
     })
+    yield gate_result(decision)
 
 
-@dg.asset_check(asset=promotion_decision, blocking=True)
-def challenger_passes_promotion_gates(promotion_decision: dict[str, Any]) -> dg.AssetCheckResult:
-    """Every promotion gate passed (or there is no challenger); a failure stops the cycle before the registry."""
-    decision = promotion_decision
+def gate_result(decision: dict[str, Any]) -> dg.AssetCheckResult:
+    """The blocking check's verdict on one decision: accepted, reasons and metrics in its metadata."""
     return dg.AssetCheckResult(
+        check_name=GATE_CHECK,
         passed=bool(decision["accepted"] or decision["challenger"] is None),
         description="; ".join(decision["reasons"]),
         metadata={"accepted": decision["accepted"], "reasons": dg.MetadataValue.json(decision["reasons"]),
@@ -523,7 +532,6 @@ def record_cycle_failure(cycle: str, run_id: str, message: str) -> None:
 def cycle_definitions() -> dg.Definitions:
     return dg.Definitions(
         assets=CYCLE_ASSETS,
-        asset_checks=[challenger_passes_promotion_gates],
         jobs=[sleep_cycle],
         sensors=[inbox_sensor, failed_cycle_recorder],
         schedules=[nightly_sleep],
