@@ -84,9 +84,13 @@ def main() -> None:
     parser.add_argument("--profile", default="smoke", choices=["smoke", "default"])
     args = parser.parse_args()
     os.environ.setdefault("SLEEPTRAIN_MODEL_CACHE", str(REPO / ".sleeptrain" / "models"))
-    rows = [measure(n, h, args.profile) for n in map(int, args.sizes.split(",")) for h in map(int, args.history.split(","))]
-    for row in rows:
-        print(f"{row['new_conversations']:>3} new, history x{row['history_factor']:<3} {row['cycle_s']:>8.1f} s  {row['status']}")
+    rows = []
+    for n in map(int, args.sizes.split(",")):
+        for h in map(int, args.history.split(",")):
+            row = measure(n, h, args.profile)
+            rows.append(row)
+            print(f"{n:>3} new, history x{h:<3} {row['cycle_s']:>8.1f} s  {row['status']} "
+                  f"(history cycle {row['history_cycle_s']} s, {row['history_status']})", flush=True)
     ratios = {}
     for n in {r["new_conversations"] for r in rows}:
         times = {r["history_factor"]: r["cycle_s"] for r in rows if r["new_conversations"] == n}
