@@ -41,7 +41,7 @@ dagster-home:
 	@cmp -s dagster.yaml "$(DAGSTER_HOME)/dagster.yaml" || cp dagster.yaml "$(DAGSTER_HOME)/dagster.yaml"
 
 run: install dagster-home
-	$(VENV)/bin/dagster asset materialize -m sleeptrain_assets.definitions --select '*'
+	$(VENV)/bin/dagster asset materialize -m sleeptrain_assets.definitions --select '*leaderboard'
 	@$(PY) -m sleeptrain_assets.cli results
 
 test: install

@@ -190,8 +190,8 @@ class AdapterRegistry(dg.ConfigurableResource):
         finally:
             os.close(fd)  # releases the lock
 
-    def set_current(self, version: str, reason: str) -> None:
-        """Point `current` at `version` (atomic replace) and log why."""
+    def set_current(self, version: str, reason: str, **audit: Any) -> None:
+        """Point `current` at `version` (atomic replace) and log why (plus any `audit` fields)."""
         self.path(version)
         with self._exclusive():
             previous = self._pointer()
@@ -209,7 +209,28 @@ class AdapterRegistry(dg.ConfigurableResource):
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-            self._log({"action": "set_current", "version": version, "previous": previous, "reason": reason})
+            self._log({"action": "set_current", "version": version, "previous": previous, "reason": reason,
+                       **audit})
+
+    def promote(self, version: str, *, cycle: str, metrics: dict[str, Any], decision: dict[str, Any]) -> str | None:
+        """Make a challenger the champion (atomic pointer move); the log keeps its cycle, metrics and the prior
+        champion. Returns the prior champion."""
+        with self._exclusive():
+            previous = self._pointer()
+            self.set_current(version, f"promoted by {cycle}", promoted_by=cycle, metrics=metrics, decision=decision,
+                             prior_champion=previous)
+        return previous
+
+    def champions(self) -> list[dict[str, Any]]:
+        """Who was champion when and why: one entry per pointer move, oldest first, with its end time."""
+        moves = [e for e in self.history() if e.get("action") == "set_current"]
+        reigns = []
+        for index, entry in enumerate(moves):
+            until = moves[index + 1]["time"] if index + 1 < len(moves) else None
+            reigns.append({"version": entry["version"], "since": entry.get("time"), "until": until,
+                           "reason": entry.get("reason", ""), "previous": entry.get("previous"),
+                           "cycle": entry.get("promoted_by")})
+        return reigns
 
     def rollback(self, version: str | None = None, reason: str = "rollback") -> str:
         """Make `version` current again; without one, the version that was current before the present one."""

@@ -284,3 +284,21 @@ def test_a_corrupt_manifest_is_named(registry: AdapterRegistry, tmp_path: Path, 
         registry.manifest(version)
     assert registry.current() == version, "the adapter itself stays usable"
     assert registry.register(adapter(tmp_path / "b", 2)).startswith("v0002-")
+
+
+def test_promote_moves_current_and_records_cycle_metrics_and_prior_champion(
+        registry: AdapterRegistry, tmp_path: Path) -> None:
+    first = registry.register(adapter(tmp_path / "a", 1))
+    second = registry.register(adapter(tmp_path / "b", 2), promote_if_empty=False)
+    prior = registry.promote(second, cycle="cycle-000001", metrics={"new_fact_recall": 1.0},
+                             decision={"accepted": True, "reasons": ["all gates passed"]})
+    assert prior == first and registry.current() == second
+    entry = registry.history()[-1]
+    assert entry["promoted_by"] == "cycle-000001" and entry["prior_champion"] == first
+    assert entry["metrics"] == {"new_fact_recall": 1.0} and entry["decision"]["accepted"]
+    registry.rollback(first, reason="rollback by ops: cycle-000001 answers worse in production")
+    reigns = registry.champions()
+    assert [r["version"] for r in reigns] == [first, second, first]
+    assert reigns[1]["cycle"] == "cycle-000001" and reigns[1]["until"] == reigns[2]["since"]
+    assert reigns[2]["reason"].startswith("rollback by ops") and reigns[2]["previous"] == second
+    assert reigns[2]["until"] is None

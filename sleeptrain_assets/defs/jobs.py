@@ -9,7 +9,8 @@ SLEEP_SELECTION = dg.AssetSelection.assets("lora_adapter").downstream()
 
 full_pipeline = dg.define_asset_job(
     name="full_pipeline",
-    selection=dg.AssetSelection.all(),
+    # Sleep cycles are partitioned per cycle and run as their own job (`sleep_cycle`).
+    selection=dg.AssetSelection.all() - dg.AssetSelection.groups("cycles"),
     description="Every asset in lineage order: curation, hippocampus, training, benchmarks, leaderboard.",
 )
 

@@ -1,6 +1,7 @@
 """Night, first half: the hippocampus decides what the model may learn; Memento consolidates what it kept."""
 
 from collections import Counter
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -18,10 +19,10 @@ from sleeptrain_assets.lib.hippocampus import (
 )
 from sleeptrain_assets.lib.memento import MementoPolicy, consolidate
 from sleeptrain_assets.lib.memento import summarize as summarize_actions
-from sleeptrain_assets.lib.records import Conversation, Decision, Memory, Person
+from sleeptrain_assets.lib.records import CandidateFact, Conversation, Decision, Memory, Person
 from sleeptrain_resources.embedding import Embedder
 from sleeptrain_resources.llm import BaseModel
-from sleeptrain_resources.memory_store import MemoryStore, StatusChange
+from sleeptrain_resources.memory_store import ApplyReport, MemoryStore, StatusChange
 from sleeptrain_resources.registry import AdapterRegistry
 
 GROUP = "memory"
@@ -70,23 +71,23 @@ def _per_person_table(counts: dict[str, int], people: dict[str, Person] | None =
     return table(["person", "name", "active memories"], rows) if rows else "_no memories_"
 
 
-@dg.asset(group_name=GROUP)
-def hippocampus_memories(
+def apply_hippocampus(
     context: dg.AssetExecutionContext,
     config: HippocampusConfig,
-    validated_queue: list[Conversation],
-    people_profiles: dict[str, Person],
+    candidates: list[CandidateFact],
+    conversations: list[Conversation],
+    profiles: dict[str, Person],
     memory_store: MemoryStore,
     embedder: Embedder,
     base_model: BaseModel,
-    registry: AdapterRegistry,
-) -> dg.Output[list[Decision]]:
-    """A STORE, REJECT, CORRECT or MERGE decision with its reason for every candidate fact, applied atomically."""
-    memory_store.check_embedding(embedder.model_id, embedder.dim)
-    candidates = candidates_from_conversations(validated_queue, people_profiles)
+    adapter: Path | None,
+) -> tuple[list[Decision], ApplyReport, dict[str, float], str]:
+    """Decide on every candidate (answer NLL on `adapter`, Hedge routing, stored memories) and apply atomically.
 
-    adapter = registry.current_path()
-    requests = loss_requests(candidates, validated_queue, people_profiles)
+    Returns the decisions, the store's report, the routing probabilities used and what the losses were scored on.
+    """
+    memory_store.check_embedding(embedder.model_id, embedder.dim)
+    requests = loss_requests(candidates, conversations, profiles)
     keys = sorted(requests)
     nll = base_model.answer_nll([requests[k] for k in keys], adapter=adapter) if keys else []
     losses = dict(zip(keys, nll))
@@ -100,14 +101,32 @@ def hippocampus_memories(
     routing = hedge.probabilities()
     candidate_vectors = (np.stack([vectors[c.text] for c in candidates]) if candidates
                          else np.zeros((0, embedder.dim), dtype=np.float32))
-    decisions = decide(candidates, people_profiles, stored, candidate_vectors, losses, config.rules(), routing)
+    decisions = decide(candidates, profiles, stored, candidate_vectors, losses, config.rules(), routing)
 
     # CORRECTs to a profile value carry an edited sentence: embed what each decision will store.
     missing = sorted({d.candidate.text for d in decisions} - vectors.keys())
     vectors.update(zip(missing, embedder.embed(missing)))
     decision_vectors = (np.stack([vectors[d.candidate.text] for d in decisions]) if decisions
                         else np.zeros((0, embedder.dim), dtype=np.float32))
-    report = memory_store.apply(decisions, decision_vectors)
+    return decisions, memory_store.apply(decisions, decision_vectors), routing, scored_on
+
+
+@dg.asset(group_name=GROUP)
+def hippocampus_memories(
+    context: dg.AssetExecutionContext,
+    config: HippocampusConfig,
+    validated_queue: list[Conversation],
+    people_profiles: dict[str, Person],
+    memory_store: MemoryStore,
+    embedder: Embedder,
+    base_model: BaseModel,
+    registry: AdapterRegistry,
+) -> dg.Output[list[Decision]]:
+    """A STORE, REJECT, CORRECT or MERGE decision with its reason for every candidate fact, applied atomically."""
+    candidates = candidates_from_conversations(validated_queue, people_profiles)
+    decisions, report, routing, scored_on = apply_hippocampus(
+        context, config, candidates, validated_queue, people_profiles, memory_store, embedder, base_model,
+        registry.current_path())
 
     counts = summarize(decisions)
     per_person = memory_store.count_by_person()

@@ -1,6 +1,7 @@
 """Night, second half: consolidated memories become LoRA weights, registered as a new adapter version."""
 
 import shutil
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
@@ -69,7 +70,8 @@ class LoraConfig(dg.Config):
     )
 
 
-def _compatible(manifest: dict[str, Any], base_sha: str, hp: Hyperparams) -> bool:
+def compatible_with(manifest: dict[str, Any], base_sha: str, hp: Hyperparams) -> bool:
+    """Whether training may continue from the adapter of `manifest`: same base weights, rank, alpha, modules."""
     trained = manifest.get("hyperparameters", {})
     return (
         manifest.get("base_model", {}).get("sha256") == base_sha
@@ -87,6 +89,23 @@ def _sparkline(values: list[float], width: int = 60) -> str:
     return "".join(bars[int((v - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for v in sampled)
 
 
+def hyperparams(trainer: LoraTrainer, config: LoraConfig, max_steps: int | None = None) -> Hyperparams:
+    """Trainer hyperparameters for one run: the run's config over the profile over the trainer's defaults."""
+    profile = settings.profile()
+    return trainer.hyperparams(
+        max_steps=max_steps,
+        batch_size=config.batch_size or profile.train_batch_size,
+        learning_rate=config.learning_rate or profile.learning_rate,
+        rank=config.rank or profile.lora_rank,
+        alpha=config.alpha or profile.lora_alpha,
+        max_seq_len=config.max_seq_len or profile.max_seq_len,
+        seed=profile.seed if config.seed is None else config.seed,
+        dropout=config.dropout,
+        target_modules=config.target_modules,
+        early_stop_patience=config.early_stop_patience,
+    )
+
+
 # The adapter_io_manager stores the version reference and shows the adapter folder as `path` in the UI.
 @dg.asset(group_name=GROUP, pool="gpu", op_tags=GPU_OP_TAGS, io_manager_key=ADAPTER_IO_MANAGER)
 def lora_adapter(
@@ -100,123 +119,143 @@ def lora_adapter(
     registry: AdapterRegistry,
 ) -> dg.Output[dict[str, Any]]:
     """A LoRA adapter trained on new memories plus replay, registered as a version (first one becomes current)."""
+    hp = hyperparams(trainer, config)  # steps are known once the training set is
+    current = registry.current()
+    manifest = registry.manifest(current) if current else {}
+    resume = bool(current) and config.continue_from_current and compatible_with(manifest, base_model.source_hash(), hp)
+    trained_keys = manifest.get("memories", []) if resume else []
+    new, older = split_memories(consolidated_memories, trained_keys)
+    if not new:
+        if current is None:
+            raise ValueError("lora_adapter: no active memories to train on and no adapter in the registry")
+        context.log.info(f"no new memories since {current}; keeping it")
+        path = registry.path(current)
+        return dg.Output(
+            {"version": current, "path": str(path), "adapter_sha256": manifest.get("adapter_sha256", ""),
+             "base_model": base_model.model_id, "trained": False, "current": current},
+            metadata={"version": current, "trained": False, "reason": "no new memories",
+                      "path": dg.MetadataValue.path(str(path))},
+            data_version=dg.DataVersion(manifest.get("adapter_sha256") or current),
+        )
+
+    trained = train_adapter(
+        context, config, new=new, older=older, trained_keys=trained_keys, people=people_profiles,
+        templates=conversation_templates, base_model=base_model, trainer=trainer, registry=registry,
+        init_version=current if resume else None, promote_if_empty=True,
+    )
+    version, result = trained.version, trained.result
+    now_current = registry.current()
+    return dg.Output(
+        {
+            "version": version,
+            "path": str(registry.path(version)),
+            "adapter_sha256": result.adapter_sha256,
+            "base_model": base_model.model_id,
+            "trained": True,
+            "current": now_current,
+            "data_sha256": trained.training_set.data_hash,
+        },
+        metadata={"version": version, "current": str(now_current), **trained.metadata},
+        data_version=dg.DataVersion(result.adapter_sha256),
+    )
+
+
+@dataclass(frozen=True)
+class TrainedAdapter:
+    version: str
+    result: Any
+    training_set: Any
+    metadata: dict[str, Any]
+
+
+def train_adapter(
+    context: dg.AssetExecutionContext,
+    config: LoraConfig,
+    *,
+    new: list[Memory],
+    older: list[Memory],
+    trained_keys: list[str],
+    people: dict[str, Person],
+    templates: TemplateSet,
+    base_model: BaseModel,
+    trainer: LoraTrainer,
+    registry: AdapterRegistry,
+    init_version: str | None,
+    promote_if_empty: bool,
+    extra_manifest: dict[str, Any] | None = None,
+) -> TrainedAdapter:
+    """Train on QA pairs of `new` memories plus bounded replay (older memories, base answers to general prompts),
+    continuing from `init_version` when given, and register the result as a version."""
     profile = settings.profile()
+    current, resume = init_version, init_version is not None
+    hp = hyperparams(trainer, config)
+    replay_share = profile.replay_share if config.replay_share is None else config.replay_share
+    new_pairs = qa_pairs_for_memories(new, people, templates)
+    if not new_pairs:
+        raise ValueError(
+            f"{len(new)} new memories but no template covers their slots; nothing to train on"
+        )
+    older_pairs = pair_importance(qa_pairs_for_memories(older, people, templates), older)
+    prompts = load_replay_prompts(settings.benchmark_path(REPLAY_PROMPTS_FILE))
+    _, n_general = replay_counts(len(new_pairs), replay_share, len(older_pairs), len(prompts))
+    chosen = pick_general_prompts(prompts, n_general, hp.seed)
+    answers = base_model.generate(
+        [[{"role": "user", "content": p}] for p in chosen], max_new_tokens=config.replay_max_new_tokens
+    )
+    cleaned = [(p, usable_answer(a)) for p, a in zip(chosen, answers)]
+    general = [(p, a) for p, a in cleaned if a]
+    training_set = build_training_set(new_pairs, older_pairs, general, replay_share=replay_share, seed=hp.seed)
+    epochs = config.epochs or profile.train_epochs
+    hp = hyperparams(trainer, config, config.max_steps or settings.training_steps(
+        len(training_set), hp.batch_size, epochs, profile.train_max_steps))
+    stats = training_set.stats()
+    context.log.info(f"training set {stats}; {hp.max_steps} steps of {hp.batch_size} "
+                     f"({hp.max_steps * hp.batch_size / len(training_set):.2f} epochs); "
+                     f"continuing from {current if resume else 'the base model'}")
+
     staging = settings.state_subdir("staging")
     recover_dead_training_runs(context.instance, staging, context.run_id, context.log.warning)
     run_dir = claim_staging(staging, context.run_id)
     try:
-        def hyperparams(max_steps: int | None = None) -> Hyperparams:
-            return trainer.hyperparams(
-                max_steps=max_steps,
-                batch_size=config.batch_size or profile.train_batch_size,
-                learning_rate=config.learning_rate or profile.learning_rate,
-                rank=config.rank or profile.lora_rank,
-                alpha=config.alpha or profile.lora_alpha,
-                max_seq_len=config.max_seq_len or profile.max_seq_len,
-                seed=profile.seed if config.seed is None else config.seed,
-                dropout=config.dropout,
-                target_modules=config.target_modules,
-                early_stop_patience=config.early_stop_patience,
-            )
-
-        hp = hyperparams()  # steps are known once the training set is
-        replay_share = profile.replay_share if config.replay_share is None else config.replay_share
-
-        current = registry.current()
-        manifest = registry.manifest(current) if current else {}
-        resume = bool(current) and config.continue_from_current and _compatible(manifest, base_model.source_hash(), hp)
-        trained_keys = manifest.get("memories", []) if resume else []
-        new, older = split_memories(consolidated_memories, trained_keys)
-        if not new:
-            if current is None:
-                raise ValueError("lora_adapter: no active memories to train on and no adapter in the registry")
-            context.log.info(f"no new memories since {current}; keeping it")
-            path = registry.path(current)
-            return dg.Output(
-                {"version": current, "path": str(path), "adapter_sha256": manifest.get("adapter_sha256", ""),
-                 "base_model": base_model.model_id, "trained": False, "current": current},
-                metadata={"version": current, "trained": False, "reason": "no new memories",
-                          "path": dg.MetadataValue.path(str(path))},
-                data_version=dg.DataVersion(manifest.get("adapter_sha256") or current),
-            )
-
-        new_pairs = qa_pairs_for_memories(new, people_profiles, conversation_templates)
-        if not new_pairs:
-            raise ValueError(
-                f"lora_adapter: {len(new)} new memories but no template covers their slots; nothing to train on"
-            )
-        older_pairs = pair_importance(qa_pairs_for_memories(older, people_profiles, conversation_templates), older)
-        prompts = load_replay_prompts(settings.benchmark_path(REPLAY_PROMPTS_FILE))
-        _, n_general = replay_counts(len(new_pairs), replay_share, len(older_pairs), len(prompts))
-        chosen = pick_general_prompts(prompts, n_general, hp.seed)
-        answers = base_model.generate(
-            [[{"role": "user", "content": p}] for p in chosen], max_new_tokens=config.replay_max_new_tokens
-        )
-        cleaned = [(p, usable_answer(a)) for p, a in zip(chosen, answers)]
-        general = [(p, a) for p, a in cleaned if a]
-        training_set = build_training_set(new_pairs, older_pairs, general, replay_share=replay_share, seed=hp.seed)
-        epochs = config.epochs or profile.train_epochs
-        hp = hyperparams(config.max_steps or settings.training_steps(
-            len(training_set), hp.batch_size, epochs, profile.train_max_steps))
-        stats = training_set.stats()
-        context.log.info(f"training set {stats}; {hp.max_steps} steps of {hp.batch_size} "
-                         f"({hp.max_steps * hp.batch_size / len(training_set):.2f} epochs); "
-                         f"continuing from {current if resume else 'the base model'}")
-
-        out_dir = run_dir / "adapter"
         result = trainer.train_for_asset(
             context,
             training_set,
             base_model,
-            out_dir,
+            run_dir / "adapter",
             init_adapter=registry.path(current) if resume and current else None,
             extra_manifest={
                 "memories": sorted({*trained_keys, *(memory_key(m) for m in new)}),
                 "previous_version": current if resume else None,
                 "profile": profile.name,
+                **(extra_manifest or {}),
             },
             overrides={k: getattr(hp, k) for k in hp.__dataclass_fields__},
         )
-        version = registry.register(result.adapter_dir, promote_if_empty=True)
-        now_current = registry.current()
-        return dg.Output(
-            {
-                "version": version,
-                "path": str(registry.path(version)),
-                "adapter_sha256": result.adapter_sha256,
-                "base_model": base_model.model_id,
-                "trained": True,
-                "current": now_current,
-                "data_sha256": training_set.data_hash,
-            },
-            metadata={
-                "version": version,
-                "current": str(now_current),
-                "path": dg.MetadataValue.path(str(registry.path(version))),
-                "loss_curve": dg.MetadataValue.json(result.loss_curve),
-                "loss_sparkline": _sparkline(result.loss_curve),
-                "held_in_loss": dg.MetadataValue.json([list(p) for p in result.probe_curve]),
-                "initial_loss": result.initial_loss,
-                "final_loss": result.final_loss,
-                "steps": result.steps,
-                "stopped": result.stopped,
-                "weights_from_step": result.weights_from_step,
-                "tokens": result.tokens,
-                "answer_tokens": result.answer_tokens,
-                "tokens_per_s": result.tokens_per_s,
-                "seconds": result.seconds,
-                "trainable_params": result.trainable_params,
-                "total_params": result.total_params,
-                "training_set": dg.MetadataValue.json(stats),
-                "data_sha256": training_set.data_hash,
-                "new_memories": len(new),
-                "replayed_memories": len(older),
-                "hyperparameters": dg.MetadataValue.json(result.hyperparameters),
-                "epochs": round(result.steps * hp.batch_size / len(training_set), 3),
-                "continued_from": str(current) if resume else "base model",
-                "trained_on": dg.MetadataValue.json(result.trained_on),
-            },
-            data_version=dg.DataVersion(result.adapter_sha256),
-        )
+        version = registry.register(result.adapter_dir, promote_if_empty=promote_if_empty)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+    return TrainedAdapter(version, result, training_set, {
+        "path": dg.MetadataValue.path(str(registry.path(version))),
+        "loss_curve": dg.MetadataValue.json(result.loss_curve),
+        "loss_sparkline": _sparkline(result.loss_curve),
+        "held_in_loss": dg.MetadataValue.json([list(p) for p in result.probe_curve]),
+        "initial_loss": result.initial_loss,
+        "final_loss": result.final_loss,
+        "steps": result.steps,
+        "stopped": result.stopped,
+        "weights_from_step": result.weights_from_step,
+        "tokens": result.tokens,
+        "answer_tokens": result.answer_tokens,
+        "tokens_per_s": result.tokens_per_s,
+        "seconds": result.seconds,
+        "trainable_params": result.trainable_params,
+        "total_params": result.total_params,
+        "training_set": dg.MetadataValue.json(stats),
+        "data_sha256": training_set.data_hash,
+        "new_memories": len(new),
+        "replayed_memories": len(older),
+        "hyperparameters": dg.MetadataValue.json(result.hyperparameters),
+        "epochs": round(result.steps * hp.batch_size / len(training_set), 3),
+        "continued_from": str(current) if resume else "base model",
+        "trained_on": dg.MetadataValue.json(result.trained_on),
+    })

@@ -452,13 +452,16 @@ def fill(text: str, values: Mapping[str, str]) -> str:
     return PLACEHOLDER.sub(sub, text)
 
 
-def validate_catalog(people: Mapping[str, Person], templates: TemplateSet) -> list[str]:
+def validate_catalog(people: Mapping[str, Person], templates: TemplateSet,
+                     self_reported: Iterable[str] = ()) -> list[str]:
     """Cross-checks: every extractor path is well-formed and each person can fill some template.
 
-    Raises CatalogError for the first broken record; returns human-readable notes for gaps that are allowed
-    (a template that does not apply to a person because the person lacks that fact).
+    Raises CatalogError for the first broken record; returns human-readable notes for gaps that are allowed:
+    a template that does not apply to a person because the person lacks that fact, a template no known person
+    can fill (skipped), and a `self_reported` person (met in the inbox) whose facts fill no template yet.
     """
     notes = []
+    self_reported = set(self_reported)
     used = {p for t in templates.templates.values() for p in t.placeholders()}
     for placeholder, path in sorted(templates.extractors.items()):
         if placeholder not in used:
@@ -473,10 +476,11 @@ def validate_catalog(people: Mapping[str, Person], templates: TemplateSet) -> li
                 # A present-but-empty value is a broken profile, not an unknown path.
                 _raise_if_empty(person, placeholder, path)
         if not found:
+            # People added later (e.g. from the inbox) may have this fact: skip the templates, do not fail.
             users = sorted(t.id for t in templates.templates.values() if placeholder in t.placeholders())
             source = next(t.source for t in templates.templates.values() if t.id == users[0])
-            raise CatalogError(source, placeholder, "extractors.path",
-                               f"unknown extractor path {path!r}: no person has it (used by {', '.join(users)})")
+            notes.append(f"{source}: extractor {placeholder!r} path {path!r}: no known person has it; "
+                         f"template(s) {', '.join(users)} skipped until someone does")
     for person in people.values():
         for placeholder, path in templates.extractors.items():
             if placeholder in used:
@@ -485,6 +489,9 @@ def validate_catalog(people: Mapping[str, Person], templates: TemplateSet) -> li
     for person in people.values():
         values = person_values(person, templates)
         usable = [t for t in templates.templates.values() if applicable(t, person, values)]
+        if not usable and person.id in self_reported:
+            notes.append(f"{person.id}: none of the facts they told fills a template yet")
+            continue
         if not usable:
             raise CatalogError(person.source, person.id, "facts", "no template applies: every placeholder lacks a value")
         for template in templates.templates.values():

@@ -39,6 +39,7 @@ _NOT_NAMES = {
     "last", "this", "that", "since", "after", "before", "when", "yes", "no", "now", "then", "today",
     "yesterday", "tomorrow", "and", "but", "so", "also", "back", "later", "recently", "actually", "well",
     "oh", "hi", "hello", "thanks", "by", "from", "to", "for", "with", "as", "it", "there", "here",
+    "these", "those", "nowadays", "currently", "lately", "today's", "every", "each", "some", "most",
     "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", *MONTHS,
 }
 _AUXILIARIES = {
