@@ -40,7 +40,7 @@ def test_adapter_learns_two_people_and_keeps_general_answers(two_people: Path) -
     job = defs().resolve_implicit_global_asset_job_def()
     run_config = {"ops": {
         "lora_adapter": {"config": {"max_steps": STEPS, "batch_size": 8}},
-        "benchmark_scores": {"config": {"items_per_slot": 2, "max_items_per_kind": 16, "splits": ["test"],
+        "benchmark_scores": {"config": {"items_per_slot": 2, "splits": ["test"],
                                         "retrieval": False, "external": False}},
     }}
     result = job.execute_in_process(run_config=run_config, instance=dg.DagsterInstance.ephemeral())
