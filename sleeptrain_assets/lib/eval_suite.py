@@ -262,6 +262,16 @@ def _conversation_plan(pool: Sequence[EvalItem], turns: int) -> list[EvalItem]:
     return plan[:turns]
 
 
+def _round_robin(queues: Sequence[Sequence[EvalItem]], limit: int) -> list[EvalItem]:
+    """The first item of each queue in turn, then the second of each, ... until `limit` items are taken."""
+    taken: list[EvalItem] = []
+    depth = 0
+    while len(taken) < limit and any(depth < len(q) for q in queues):
+        taken += [q[depth] for q in queues if depth < len(q)][: limit - len(taken)]
+        depth += 1
+    return taken
+
+
 def stratified(items: Sequence[EvalItem], per_slot: int | None,
                person_rank: Mapping[str, int] | None = None) -> list[EvalItem]:
     """At most `per_slot` items per (kind, split, slot), people taken in turn: slot j starts `j * per_slot`
@@ -285,13 +295,7 @@ def stratified(items: Sequence[EvalItem], per_slot: int | None,
             start = (index * per_slot) % len(people)
             rotated = people[start:] + people[:start]
             queues = [by_slot[slot][p] for p in rotated]
-            taken, depth = 0, 0
-            while taken < per_slot and any(depth < len(q) for q in queues):
-                for queue in queues:
-                    if depth < len(queue) and taken < per_slot:
-                        kept.append(queue[depth])
-                        taken += 1
-                depth += 1
+            kept += _round_robin(queues, per_slot)
     order = {item.id: n for n, item in enumerate(items)}
     return sorted(kept, key=lambda i: order[i.id])
 
@@ -307,13 +311,7 @@ def cap_per_kind_split(items: Sequence[EvalItem], cap: int | None) -> list[EvalI
     kept: set[str] = set()
     for by_slot in strata.values():
         queues = [by_slot[k] for k in sorted(by_slot)]
-        taken, depth = 0, 0
-        while taken < cap and any(depth < len(q) for q in queues):
-            for queue in queues:
-                if depth < len(queue) and taken < cap:
-                    kept.add(queue[depth].id)
-                    taken += 1
-            depth += 1
+        kept.update(item.id for item in _round_robin(queues, cap))
     return [item for item in items if item.id in kept]
 
 
@@ -328,13 +326,7 @@ def cap_per_kind(items: Sequence[EvalItem], cap: int | None, person_rank: Mappin
     kept: list[EvalItem] = []
     for kind in by_kind:
         queues = [by_kind[kind][p] for p in sorted(by_kind[kind], key=lambda p: (rank.get(p, 1), p))]
-        taken, depth = 0, 0
-        while taken < cap and any(depth < len(q) for q in queues):
-            for queue in queues:
-                if depth < len(queue) and taken < cap:
-                    kept.append(queue[depth])
-                    taken += 1
-            depth += 1
+        kept += _round_robin(queues, cap)
     order = {item.id: n for n, item in enumerate(items)}
     return sorted(kept, key=lambda i: order[i.id])
 
