@@ -72,7 +72,7 @@ def run_seed(seed: int, steps: int | None, data: Path, root: Path, model_cache: 
     lora = {"seed": seed, **({"max_steps": steps} if steps else {})}
     run_config = {"ops": {"lora_adapter": {"config": lora}, "benchmark_scores": {"config": {"external": False}}}}
     start = time.perf_counter()
-    result = defs().resolve_implicit_global_asset_job_def().execute_in_process(
+    result = defs().resolve_job_def("full_pipeline").execute_in_process(
         run_config=run_config, instance=dg.DagsterInstance.ephemeral())
     if not result.success:
         raise SystemExit(f"seed {seed}: the run failed")

@@ -78,7 +78,7 @@ def graph_on_postgres(postgres_server: Any, model_cache: Path,
     })
     try:
         done = subprocess.run(
-            [DAGSTER, "asset", "materialize", "-m", "sleeptrain_assets.definitions", "--select", "*"],
+            [DAGSTER, "asset", "materialize", "-m", "sleeptrain_assets.definitions", "--select", "*leaderboard"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,
         )
         output = done.stdout + done.stderr

@@ -37,7 +37,7 @@ def two_people(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.mark.slow
 def test_adapter_learns_two_people_and_keeps_general_answers(two_people: Path) -> None:
-    job = defs().resolve_implicit_global_asset_job_def()
+    job = defs().resolve_job_def("full_pipeline")  # the lineage `make run` materializes (no sleep-cycle assets)
     run_config = {"ops": {
         # Shorter base answers to the replay prompts keep the test's CPU time down (their first sentence matters).
         "lora_adapter": {"config": {"max_steps": STEPS, "batch_size": 8, "replay_max_new_tokens": 32}},

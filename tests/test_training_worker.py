@@ -22,6 +22,7 @@ from sleeptrain_assets.lib.catalog import TemplateSet, load_people, load_templat
 from sleeptrain_assets.lib.records import Memory, Person
 from sleeptrain_assets.lib.training_data import build_training_set
 from sleeptrain_resources.llm import BaseModel
+from sleeptrain_resources.adapter_io import AdapterRefIOManager
 from sleeptrain_resources.registry import AdapterRegistry
 from sleeptrain_resources.trainer import ADAPTER_WEIGHTS, LoraTrainer, trainer_from_env
 from sleeptrain_resources.training_worker import local, portable, read_job, write_job
@@ -49,7 +50,8 @@ def _materialize(memories: list[Memory], trainer: LoraTrainer, registry: Adapter
 
     return dg.materialize(
         [people_profiles, conversation_templates, consolidated_memories, lora_adapter],
-        resources={"base_model": BaseModel(), "trainer": trainer, "registry": registry},
+        resources={"base_model": BaseModel(), "trainer": trainer, "registry": registry,
+                   "adapter_io_manager": AdapterRefIOManager()},
         instance=instance,
         run_config={"ops": {"lora_adapter": {"config": config.model_dump()}}},
         raise_on_error=False,

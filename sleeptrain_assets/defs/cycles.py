@@ -294,7 +294,9 @@ def cycle_evaluation(
     cap = profile.eval_max_items_per_kind
     items = cycle_report.select_items(
         evaluation_items(people, templates),
-        eval_suite.load_locality_items(settings.data_dir() / "benchmarks" / eval_suite.GENERAL_KNOWLEDGE_FILE),
+        # General questions of the validation split: gates are chosen on validation items, never on test ones.
+        [i for i in eval_suite.load_locality_items(settings.benchmark_path(eval_suite.GENERAL_KNOWLEDGE_FILE))
+         if i.kind == "locality" and i.split == "validation"],
         {(m.person_id, m.slot) for m in cycle_memories["new_memories"]},
         _earlier_facts(registry, baseline, memory_store),
         max_earlier=config.max_earlier_items if config.max_earlier_items is not None else 4 * (cap or 12),

@@ -449,10 +449,9 @@ def build_plan(
     max_conversations: int | None = None,
     splits: Sequence[str] = ("validation", "test"),
 ) -> SuitePlan:
-    """Held-out questions (at most `per_slot` per kind, split and slot, across all people, and at most `cap` per
-    kind and split) plus interference, locality, unchanged, neighbourhood and hallucination items (at most
-    `cap` of each such kind), and one multi-turn conversation per taught person (at most `max_conversations`)
-    from the test split.
+    """Held-out questions (at most `per_slot` per kind, split and slot, across all people) plus interference,
+    locality, unchanged, neighbourhood and hallucination items, at most `cap` per kind and split, and one
+    multi-turn conversation per taught person (at most `max_conversations`) from the test split.
 
     `taught`: people the adapter learned; held-out questions about anyone else are not asked as recall (an
     untaught look-alike's become neighbourhood items). None: everyone in `people`.
@@ -464,7 +463,7 @@ def build_plan(
     held_out = cap_per_kind_split(stratified(held_out, per_slot, rank), cap)
     others = [*neighbourhood_items(in_splits, people, taught),
               *(i for i in (*locality, *probes) if i.split in splits)]
-    single = [*held_out, *interference_items(held_out, people), *cap_per_kind(others, cap, rank)]
+    single = [*held_out, *interference_items(held_out, people), *cap_per_kind_split(others, cap)]
     person_order = sorted(taught & set(people), key=lambda pid: (rank[pid], pid))
     conversation_pool = [q for q in questions if q.split == "test" and q.kind in FACT_KINDS and q.person_id in taught]
     if "test" not in splits:

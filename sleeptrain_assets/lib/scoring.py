@@ -623,6 +623,8 @@ def score_unchanged(item: EvalItem, answer: str, base_answer: str,
                "cosine": None if answer_base_similarity is None else round(answer_base_similarity, 4)}
     if same_first:
         reason = "same first sentence"
+    elif passed and answer_base_similarity is None:
+        reason = "the same answer after normalising"
     elif passed:
         reason = f"cosine {answer_base_similarity:.2f} >= {SAME_ANSWER}"
     else:

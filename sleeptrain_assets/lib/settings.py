@@ -105,7 +105,7 @@ class ProfileSettings:
     # evaluation: held-out questions are chosen per kind, split and slot (people in turn, so every slot and every
     # person is covered); ~480 prompts per system keep CPU evaluation of adapter, base and retrieval near 9 min.
     eval_items_per_slot: int | None = 4
-    # cap for the kinds about nobody in particular (locality, unchanged, neighbourhood, hallucination); None: all
+    # cap per kind and split of every kind (held-out questions after the per-slot choice); None: all
     eval_max_items_per_kind: int | None = None
     # multi-turn: one conversation per taught person, at most this many
     eval_max_conversations: int | None = None
