@@ -30,7 +30,7 @@ def _key(stored: str) -> str:
 def test_postgres_holds_the_run_its_materializations_checks_and_memories(graph_on_postgres: GraphOnPostgres) -> None:
     dagster_db, memory_db = graph_on_postgres.dagster_db_url, graph_on_postgres.memory_db_url
     expected = expected_definitions()
-    assets, checks = expected["assets"], expected["checks"]
+    assets, checks = expected["lineage"], expected["lineage_checks"]
 
     runs = _rows(dagster_db, "SELECT run_id, status FROM runs")
     assert len(runs) == 1 and runs[0][1] == "SUCCESS", runs
@@ -80,7 +80,7 @@ SECOND_PROCESS = """
 
 
 def test_a_second_dagster_process_sees_the_materializations(graph_on_postgres: GraphOnPostgres) -> None:
-    assets = expected_definitions()["assets"]
+    assets = expected_definitions()["lineage"]
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(SECOND_PROCESS), json.dumps(sorted(assets))],
                           cwd=REPO, env=graph_on_postgres.env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

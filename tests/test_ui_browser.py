@@ -127,7 +127,7 @@ def test_graphql_serves_the_asset_graph_and_the_latest_materializations(
     # Every lineage asset's latest materialization is the one run of the session, read from Postgres.
     run_ids = {key: (n["assetMaterializations"] or [{}])[0].get("runId") for key, n in nodes.items()}
     (run_id,) = {r for (r,) in _run_ids(graph_on_postgres)}
-    assert {key: run_ids[key] for key in expected["assets"]} == {key: run_id for key in expected["assets"]}
+    assert {key: run_ids[key] for key in expected["lineage"]} == {key: run_id for key in expected["lineage"]}
 
 
 def _run_ids(graph_on_postgres: GraphOnPostgres) -> list[tuple[str]]:
