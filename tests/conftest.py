@@ -43,3 +43,16 @@ def compat_dir() -> Path:
     if not COMPAT.is_dir():
         pytest.skip(f"SleepTrain v2 compatibility files not found at {COMPAT}")
     return COMPAT
+
+
+@pytest.fixture
+def inbox_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A data dir whose people and templates are the repository's, with an inbox of its own."""
+    data = tmp_path / "data"
+    data.mkdir()
+    repo_data = Path(__file__).resolve().parents[1] / "data"
+    for sub in ("people", "templates", "benchmarks"):
+        (data / sub).symlink_to(repo_data / sub)
+    (data / "inbox").mkdir()
+    monkeypatch.setenv("SLEEPTRAIN_DATA_DIR", str(data))
+    return data / "inbox"

@@ -35,17 +35,6 @@ EVAL = {"max_earlier_items": 12, "max_locality_items": 12, "batch_size": 16}
 GATES = {"min_new_fact_recall": 0.75, "locality_budget": 1.0}
 
 
-@pytest.fixture
-def inbox_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    data = tmp_path / "data"
-    data.mkdir()
-    repo_data = Path(__file__).resolve().parents[1] / "data"
-    for sub in ("people", "templates", "benchmarks"):
-        (data / sub).symlink_to(repo_data / sub)
-    (data / "inbox").mkdir()
-    monkeypatch.setenv("SLEEPTRAIN_DATA_DIR", str(data))
-    return data / "inbox"
-
 
 def _write(folder: Path, name: str, records: list[dict]) -> None:
     (folder / name).write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -15,18 +15,6 @@ SASKIA = {"person": "saskia_claes", "name": "Saskia Claes",
           "messages": [{"role": "user", "content": "I was born in Ghent in 1979. These days I work as a luthier."}]}
 
 
-@pytest.fixture
-def inbox_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A data dir whose people and templates are the repository's, with an inbox of its own."""
-    data = tmp_path / "data"
-    data.mkdir()
-    repo_data = Path(__file__).resolve().parents[1] / "data"
-    for sub in ("people", "templates", "benchmarks"):
-        (data / sub).symlink_to(repo_data / sub)
-    (data / "inbox").mkdir()
-    monkeypatch.setenv("SLEEPTRAIN_DATA_DIR", str(data))
-    return data / "inbox"
-
 
 def _tick(instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorResult:
     return inbox_sensor(dg.build_sensor_context(cursor=cursor, instance=instance))
