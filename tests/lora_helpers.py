@@ -25,6 +25,18 @@ FACTS = {
 }
 
 
+def small_replay_targets():
+    """The real replay_targets asset on 8 replay prompts with short answers (cached per test home)."""
+    import dagster as dg
+
+    from sleeptrain_assets.defs.training import ReplayTargetsConfig, replay_targets
+    from sleeptrain_resources.llm import BaseModel
+
+    output = replay_targets(dg.build_asset_context(), ReplayTargetsConfig(max_prompts=8, max_new_tokens=24),
+                            BaseModel())
+    return output.value
+
+
 def qa_pairs() -> list[QAPair]:
     pairs = []
     for pid, (name, facts) in FACTS.items():

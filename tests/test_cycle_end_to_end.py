@@ -24,8 +24,7 @@ LATECOMER = [{"person": "oona_pirkola", "name": "Oona Pirkola", "messages": [
     {"role": "user", "content": "I was born in Oulu in 1968. I work as a glazier."}]}]
 
 # Smoke trains 4 steps; learning a person's facts needs a few epochs. Held-out wordings are what is scored.
-LEARN = {"max_steps": 14, "batch_size": 8, "learning_rate": 0.002, "early_stop_patience": 0,
-         "replay_max_new_tokens": 24}
+LEARN = {"max_steps": 14, "batch_size": 8, "learning_rate": 0.002, "early_stop_patience": 0}
 EVAL = {"max_earlier_items": 12, "max_locality_items": 12, "batch_size": 16}
 # What 14 smoke steps can show: a challenger far better than the base on held-out wordings of new facts (the
 # default gate asks 90%). The locality gate is off here: 14 steps at twice the default learning rate change

@@ -76,8 +76,8 @@ def test_definitions_hold_the_cycle_job_sensors_schedule_and_blocking_gate() -> 
     definitions = defs()
     job = definitions.resolve_job_def("sleep_cycle")
     assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == {
-        "cycle_inbox_batch", "cycle_memories", "challenger_adapter", "cycle_evaluation", "promotion_decision",
-        "champion_adapter"}
+        "cycle_inbox_batch", "cycle_memories", "replay_targets", "challenger_adapter", "cycle_evaluation",
+        "promotion_decision", "champion_adapter"}
     full = definitions.resolve_job_def("full_pipeline")
     assert not {k.to_user_string() for k in full.asset_layer.selected_asset_keys} & {"cycle_inbox_batch"}
     graph = definitions.resolve_asset_graph()

@@ -16,6 +16,7 @@ ASSETS = {
     "validated_queue",
     "hippocampus_memories",
     "consolidated_memories",
+    "replay_targets",
     "lora_adapter",
     "benchmark_scores",
     "leaderboard",
@@ -42,7 +43,7 @@ def test_definitions_hold_the_whole_graph() -> None:
     # Lineage: each stage reads the one before it.
     parents = {key.to_user_string(): {p.to_user_string() for p in graph.get(key).parent_keys} for key in graph.get_all_asset_keys()}
     assert "validated_queue" in parents["hippocampus_memories"]
-    assert "consolidated_memories" in parents["lora_adapter"]
+    assert {"consolidated_memories", "replay_targets"} <= parents["lora_adapter"]
     assert {"lora_adapter", "evaluation_questions"} <= parents["benchmark_scores"]
     assert "benchmark_scores" in parents["leaderboard"]
 
@@ -60,7 +61,7 @@ def test_jobs_cover_the_graph_and_the_gpu_job_carries_k8s_run_tags() -> None:
     assert ASSETS <= {key.to_user_string() for key in full.asset_layer.selected_asset_keys}
     gpu = definitions.resolve_job_def("sleep_on_gpu")
     selected = {key.to_user_string() for key in gpu.asset_layer.selected_asset_keys}
-    assert selected == {"lora_adapter", "benchmark_scores", "leaderboard"}
+    assert selected == {"replay_targets", "lora_adapter", "benchmark_scores", "leaderboard"}
     k8s = gpu.tags["dagster-k8s/config"]
     k8s = json.loads(k8s) if isinstance(k8s, str) else k8s
     assert k8s["container_config"]["resources"]["limits"]["nvidia.com/gpu"] == "1"

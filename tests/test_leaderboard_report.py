@@ -142,6 +142,24 @@ def test_html_shows_table_charts_and_missed_targets():
     assert "All targets met" in lr.render_html(lr.rows_from_run(met), met, met["retention"])
 
 
+def test_a_sleep_cycle_refreshes_the_page_with_its_retention_curve(tmp_path):
+    from sleeptrain_assets.lib import cycle_report
+
+    run = make_run()
+    rows = lr.merge_rows([], lr.rows_from_run(run))
+    json_path, html_path = tmp_path / "leaderboard.json", tmp_path / "leaderboard.html"
+    lr.write_json_atomic(json_path, {"rows": rows, "latest_run": run})
+    history = cycle_report.record_retention({"cycles": []}, "cycle-000001", "v1", "t1", {"a/x": 1.0, "a/y": 1.0})
+    history = cycle_report.record_retention(history, "cycle-000002", "v2", "t2", {"a/x": 0.5, "a/y": 1.0, "b/x": 1.0})
+    lr.refresh_page(json_path, html_path, cycle_report.retention_curve(history))
+    page = html_path.read_text()
+    assert "Retention over sleep cycles" in page and "cycle-000001, cycle-000002" in page
+    assert "-25.0 pts" in page, "facts of cycle 1 fell from 100% to 75%"
+    assert "Held-out recall 85.7%" in page, "the latest run's figures stay on the page"
+    empty = lr.render_html(rows, run, run["retention"], cycle_retention=cycle_report.retention_curve({"cycles": []}))
+    assert "Retention over sleep cycles" not in empty
+
+
 def test_markdown_tables():
     run = make_run()
     table = lr.markdown_table(lr.rows_from_run(run))

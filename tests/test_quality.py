@@ -40,7 +40,8 @@ def test_adapter_learns_two_people_and_keeps_general_answers(two_people: Path) -
     job = defs().resolve_job_def("full_pipeline")  # the lineage `make run` materializes (no sleep-cycle assets)
     run_config = {"ops": {
         # Shorter base answers to the replay prompts keep the test's CPU time down (their first sentence matters).
-        "lora_adapter": {"config": {"max_steps": STEPS, "batch_size": 8, "replay_max_new_tokens": 32}},
+        "replay_targets": {"config": {"max_new_tokens": 32}},
+        "lora_adapter": {"config": {"max_steps": STEPS, "batch_size": 8}},
         "benchmark_scores": {"config": {"items_per_slot": 2, "max_items_per_kind": 24, "splits": ["test"],
                                         "retrieval": False, "external": False}},
     }}

@@ -103,6 +103,32 @@ def test_qa_pairs_follow_memories(catalog) -> None:
     assert len({p.question for p in pairs if p.template_id == "birth_year"}) >= 2
     superseded = dataclasses.replace(memory, status="superseded")
     assert qa_pairs_for_memories([superseded], people, templates) == []
+    # Knowledge augmentation: every fact template lists 6 trained forms; training may use the first n.
+    listed = templates.templates["birth_year"].questions
+    assert len(listed) >= 6
+    every = [p.question for p in pairs if p.template_id == "birth_year"]
+    first_three = [p.question for p in qa_pairs_for_memories([memory], people, templates, 3)
+                   if p.template_id == "birth_year"]
+    assert len(every) == len(listed) and first_three == every[:3]
+
+
+def test_corrections_are_trained_with_true_claims_answered_yes(catalog) -> None:
+    people, templates = catalog
+    person = people["lena_varga"]
+    values = person_values(person, templates)
+    pairs = [p for p in qa_pairs(person, templates, values) if p.template_id == "correction_birth_year"]
+    denials = [p for p in pairs if p.category == "correction"]
+    confirmations = [p for p in pairs if p.category == "confirmation"]
+    year = values["birth_year"]
+    template = templates.templates["correction_birth_year"]
+    assert len(confirmations) == len(template.questions)
+    assert all(year in p.question and p.answer.startswith("Yes.") and year in p.answer for p in confirmations)
+    assert denials and all(p.answer.startswith("No.") and year not in p.question for p in denials)
+    held = {i.question for i in evaluation_items(people, templates) if i.person_id == person.id}
+    assert not {p.question for p in confirmations} & held, "true-claim controls stay held out"
+    without = [p for p in qa_pairs(person, templates, values, confirmations=False)
+               if p.template_id == "correction_birth_year"]
+    assert without == denials
 
 
 def test_profile_pairs_tell_every_fact_in_varying_orders(catalog) -> None:

@@ -110,6 +110,7 @@ def test_nan_in_training_fails_the_asset_and_leaves_the_registry_as_it_was(tmp_p
     from sleeptrain_assets.lib import settings
     from sleeptrain_assets.lib.catalog import load_people, load_templates
     from tests.test_registry import adapter
+    from tests.lora_helpers import small_replay_targets
     from tests.test_training_asset import _memories
 
     registry = AdapterRegistry()
@@ -119,7 +120,8 @@ def test_nan_in_training_fails_the_asset_and_leaves_the_registry_as_it_was(tmp_p
     with pytest.raises(TrainingFailed, match=message):
         lora_adapter(dg.build_asset_context(), config=LoraConfig(max_steps=2, replay_share=0.0, early_stop_patience=0),
                      consolidated_memories=_memories("lena_varga", people, templates), people_profiles=people,
-                     conversation_templates=templates, base_model=BaseModel(), trainer=PoisonedTrainer(poison=poison),
+                     conversation_templates=templates, replay_targets=small_replay_targets(), base_model=BaseModel(),
+                     trainer=PoisonedTrainer(poison=poison),
                      registry=registry)
     assert (registry.versions(), registry.current(), registry.history()) == before
     assert registry.current() == version

@@ -14,6 +14,7 @@ from sleeptrain_assets.lib.records import Memory
 from sleeptrain_resources.llm import BaseModel
 from sleeptrain_resources.registry import AdapterRegistry
 from sleeptrain_resources.trainer import LoraTrainer
+from tests.lora_helpers import small_replay_targets
 
 SLOTS = ("birth.year", "career.occupation")
 
@@ -33,10 +34,11 @@ def _run(memories, people, templates, registry, config=None):
     context = dg.build_asset_context()
     output = lora_adapter(
         context,
-        config=config or LoraConfig(max_steps=3, replay_max_new_tokens=24, early_stop_patience=0),
+        config=config or LoraConfig(max_steps=3, early_stop_patience=0),
         consolidated_memories=memories,
         people_profiles=people,
         conversation_templates=templates,
+        replay_targets=small_replay_targets(),
         base_model=BaseModel(),
         trainer=LoraTrainer(),
         registry=registry,
@@ -51,7 +53,7 @@ def test_asset_definition_runs_in_the_gpu_pool_with_k8s_gpu_tags() -> None:
     limits = k8s["container_config"]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == "1" and GPU_OP_TAGS["dagster-k8s/config"]["container_config"]
     assert {d.asset_key.path[-1] for d in spec.deps} == {
-        "consolidated_memories", "people_profiles", "conversation_templates"}
+        "consolidated_memories", "people_profiles", "conversation_templates", "replay_targets"}
 
 
 def test_first_cycle_trains_and_becomes_current_later_cycle_continues_with_replay() -> None:
@@ -99,7 +101,7 @@ def test_steps_follow_epochs_over_the_training_set() -> None:
     data = settings.data_dir()
     people, templates = load_people(data / "people"), load_templates(data / "templates")
     out = _run(_memories("lena_varga", people, templates), people, templates, AdapterRegistry(),
-               LoraConfig(epochs=0.25, batch_size=4, replay_max_new_tokens=24, early_stop_patience=0))
+               LoraConfig(epochs=0.25, batch_size=4, early_stop_patience=0))
     examples = out.metadata["training_set"].value["examples"]
     cap = settings.profile().train_max_steps
     steps = out.metadata["steps"].value

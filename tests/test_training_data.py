@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -141,3 +142,23 @@ def test_shipped_replay_prompts_are_many_and_never_evaluation_questions() -> Non
                 evaluation.add(_normalized(item["question"]))
     overlap = [p for p in prompts if _normalized(p) in evaluation]
     assert not overlap, f"replay prompts reuse evaluation questions: {overlap}"
+
+
+def test_replay_teachers_travel_with_their_examples() -> None:
+    from sleeptrain_assets.lib.training_data import ReplayTarget, ReplayTargets, TrainingExample
+
+    teacher = (((5, 9), (-0.2, -1.9)), ((2, 7), (-0.01, -5.0)))
+    targets = ReplayTargets(targets=(ReplayTarget("How do I boil an egg?", "Boil it.", teacher),),
+                            base_sha256="a" * 64, top_k=2, max_new_tokens=24, prompts_sha256="b" * 64,
+                            unusable=("Write a poem.",))
+    assert ReplayTargets.from_dict(json.loads(json.dumps(targets.to_dict()))) == targets
+    built = build_training_set(qa_pairs(), general_answers=targets.answers(), replay_share=0.25, seed=1)
+    general = [e for e in built.examples if e.source == REPLAY_GENERAL]
+    assert general and all(e.teacher == teacher for e in general)
+    assert all(e.teacher is None for e in built.examples if e.source != REPLAY_GENERAL)
+    for example in general[:1] + [e for e in built.examples if e.source != REPLAY_GENERAL][:1]:
+        assert TrainingExample.from_dict(json.loads(json.dumps(example.to_dict()))) == example
+    # The teacher is part of what was trained on.
+    plain = build_training_set(qa_pairs(), general_answers=[t[:2] for t in targets.answers()], replay_share=0.25,
+                               seed=1)
+    assert plain.data_hash != built.data_hash

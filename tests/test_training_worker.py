@@ -16,7 +16,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from sleeptrain_assets.defs.training import LoraConfig, lora_adapter
+from sleeptrain_assets.defs.training import LoraConfig, lora_adapter, replay_targets
 from sleeptrain_assets.lib import settings
 from sleeptrain_assets.lib.catalog import TemplateSet, load_people, load_templates
 from sleeptrain_assets.lib.records import Memory, Person
@@ -29,7 +29,8 @@ from sleeptrain_resources.training_worker import local, portable, read_job, writ
 from tests.lora_helpers import qa_pairs
 from tests.test_training_asset import _memories
 
-SMOKE = LoraConfig(max_steps=3, replay_max_new_tokens=24, early_stop_patience=0)
+SMOKE = LoraConfig(max_steps=3, early_stop_patience=0)
+SMALL_REPLAY = {"max_prompts": 8, "max_new_tokens": 24}
 
 
 def _materialize(memories: list[Memory], trainer: LoraTrainer, registry: AdapterRegistry,
@@ -49,11 +50,12 @@ def _materialize(memories: list[Memory], trainer: LoraTrainer, registry: Adapter
         return memories
 
     return dg.materialize(
-        [people_profiles, conversation_templates, consolidated_memories, lora_adapter],
+        [people_profiles, conversation_templates, consolidated_memories, replay_targets, lora_adapter],
         resources={"base_model": BaseModel(), "trainer": trainer, "registry": registry,
                    "adapter_io_manager": AdapterRefIOManager()},
         instance=instance,
-        run_config={"ops": {"lora_adapter": {"config": config.model_dump()}}},
+        run_config={"ops": {"lora_adapter": {"config": config.model_dump()},
+                            "replay_targets": {"config": SMALL_REPLAY}}},
         raise_on_error=False,
     )
 
@@ -125,7 +127,7 @@ def test_worker_stopped_by_its_nan_guard_fails_the_step_with_its_message_and_reg
     instance = dg.DagsterInstance.ephemeral()
     registry = AdapterRegistry()
     first = _materialize(_people_memories("lena_varga"), LoraTrainer(), registry, instance,
-                         LoraConfig(max_steps=1, replay_max_new_tokens=24, early_stop_patience=0))
+                         LoraConfig(max_steps=1, early_stop_patience=0))
     assert first.success, _step_error(first)
     current = registry.current()
     # A current adapter whose weights went bad on disk: the next cycle continues from it.
@@ -165,7 +167,7 @@ def test_worker_killed_mid_training_fails_the_step_and_registers_nothing() -> No
     killer.start()
     registry = AdapterRegistry()
     result = _materialize(_people_memories("lena_varga"), LoraTrainer(launcher="pipes_subprocess"), registry, instance,
-                          LoraConfig(max_steps=20, replay_max_new_tokens=24, early_stop_patience=0))
+                          LoraConfig(max_steps=20, early_stop_patience=0))
     killer.join(timeout=5)
     assert killed and not result.success
     assert "training worker failed: External execution process failed with code -9 (killed by SIGKILL)" in \

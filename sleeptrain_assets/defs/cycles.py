@@ -16,9 +16,10 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from sleeptrain_assets.defs.evaluation import LEADERBOARD_HTML, LEADERBOARD_JSON
 from sleeptrain_assets.defs.memory import HEDGE_STATE, HippocampusConfig, apply_hippocampus
 from sleeptrain_assets.defs.training import GPU_OP_TAGS, LoraConfig, compatible_with, hyperparams, train_adapter
-from sleeptrain_assets.lib import cycle_report, eval_suite, inbox, settings
+from sleeptrain_assets.lib import cycle_report, eval_suite, inbox, leaderboard_report, settings
 from sleeptrain_assets.lib.atomic import write_json_atomic
 from sleeptrain_assets.lib.catalog import load_templates, validate_catalog
 from sleeptrain_assets.lib.hedge import HedgePolicy
@@ -29,7 +30,7 @@ from sleeptrain_assets.lib.learned_people import load_all_people, trusted_profil
 from sleeptrain_assets.lib.promotion import PromotionPolicy
 from sleeptrain_assets.lib.records import Memory, Person
 from sleeptrain_assets.lib.templating import evaluation_items, qa_pairs_for_memories
-from sleeptrain_assets.lib.training_data import memory_key, split_memories
+from sleeptrain_assets.lib.training_data import ReplayTargets, memory_key, split_memories
 from sleeptrain_resources.embedding import Embedder
 from sleeptrain_resources.llm import BaseModel
 from sleeptrain_resources.memory_store import MemoryStore
@@ -218,6 +219,7 @@ def challenger_adapter(
     cycle_inbox_batch: dict[str, Any],
     cycle_memories: dict[str, Any],
     memory_store: MemoryStore,
+    replay_targets: ReplayTargets,
     base_model: BaseModel,
     trainer: LoraTrainer,
     registry: AdapterRegistry,
@@ -242,7 +244,7 @@ def challenger_adapter(
         return dg.Output(out, metadata={"trained": False, "reason": out["reason"]})
     trained = train_adapter(
         context, config, new=new, older=older, trained_keys=trained_keys, people=people, templates=templates,
-        base_model=base_model, trainer=trainer, registry=registry, init_version=baseline if resume else None,
+        replay=replay_targets, base_model=base_model, trainer=trainer, registry=registry, init_version=baseline if resume else None,
         promote_if_empty=False, extra_manifest={"cycle": batch["cycle"]},
     )
     out.update(version=trained.version, trained=True, path=str(registry.path(trained.version)),
@@ -392,6 +394,8 @@ def promotion_decision(
         cycle_evaluation[f"{in_service}_facts"])
     write_json_atomic(history_path, history)
     curve = cycle_report.retention_curve(history)
+    reports = settings.state_subdir("reports")
+    leaderboard_report.refresh_page(reports / LEADERBOARD_JSON, reports / LEADERBOARD_HTML, curve)
     hedge = _hedge_reward(batch, cycle_memories, decision)
     status = ("dry run" if batch["dry_run"] else "promoting") if decision["accepted"] else (
         "nothing to learn" if decision["challenger"] is None else "rejected")
@@ -458,7 +462,8 @@ CYCLE_ASSETS = [cycle_inbox_batch, cycle_memories, challenger_adapter, cycle_eva
 
 sleep_cycle = dg.define_asset_job(
     name=JOB_NAME,
-    selection=dg.AssetSelection.assets(*CYCLE_ASSETS),
+    # replay_targets is unpartitioned and cached by the base model's hash: in a cycle it is a cache read.
+    selection=dg.AssetSelection.assets(*CYCLE_ASSETS, "replay_targets"),
     partitions_def=cycles_partitions,
     description="One sleep cycle: inbox -> memories -> challenger -> evaluation -> gated promotion.",
 )

@@ -11,7 +11,7 @@ import dagster as dg
 from pydantic import Field, field_validator
 
 from sleeptrain_assets.defs.training import REPLAY_PROMPTS_FILE
-from sleeptrain_assets.lib import eval_suite, leaderboard_report, scoring, settings, templating
+from sleeptrain_assets.lib import cycle_report, eval_suite, leaderboard_report, scoring, settings, templating
 from sleeptrain_assets.lib.catalog import SPLITS, TemplateSet
 from sleeptrain_assets.lib.external_benchmarks import LOADERS, contains_match, load_paths, run_benchmark
 from sleeptrain_assets.lib.records import EvalItem, Memory, Person
@@ -317,7 +317,10 @@ def leaderboard(context: dg.AssetExecutionContext, benchmark_scores: dict[str, A
     json_path, html_path = reports / LEADERBOARD_JSON, reports / LEADERBOARD_HTML
     existing = leaderboard_report.read_json(json_path, {"rows": []})
     rows = leaderboard_report.merge_rows(existing.get("rows", []), leaderboard_report.rows_from_run(benchmark_scores))
-    page = leaderboard_report.render_html(rows, benchmark_scores, benchmark_scores.get("retention"))
+    cycles_history = settings.state_dir() / "cycles" / cycle_report.RETENTION_FILE
+    cycle_curve = cycle_report.retention_curve(leaderboard_report.read_json(cycles_history, {"cycles": []}))
+    page = leaderboard_report.render_html(rows, benchmark_scores, benchmark_scores.get("retention"),
+                                          cycle_retention=cycle_curve)
     leaderboard_report.write_json_atomic(json_path, {"updated": benchmark_scores["time"], "rows": rows,
                                                      "latest_run": benchmark_scores})
     leaderboard_report.write_text_atomic(html_path, page)

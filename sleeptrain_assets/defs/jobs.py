@@ -4,8 +4,8 @@ import dagster as dg
 
 from sleeptrain_assets.defs.training import GPU_K8S_CONFIG
 
-# Training and evaluation are the model-heavy steps; both belong on the accelerator.
-SLEEP_SELECTION = dg.AssetSelection.assets("lora_adapter").downstream()
+# Replay targets, training and evaluation are the model-heavy steps; all belong on the accelerator.
+SLEEP_SELECTION = dg.AssetSelection.assets("lora_adapter").downstream() | dg.AssetSelection.assets("replay_targets")
 
 full_pipeline = dg.define_asset_job(
     name="full_pipeline",

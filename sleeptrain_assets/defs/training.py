@@ -1,5 +1,8 @@
 """Night, second half: consolidated memories become LoRA weights, registered as a new adapter version."""
 
+import hashlib
+import json
+import math
 import shutil
 from dataclasses import dataclass
 from typing import Any
@@ -7,16 +10,20 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from sleeptrain_assets.lib import settings
+from sleeptrain_assets.lib import markdown, settings
 from sleeptrain_assets.lib.catalog import TemplateSet
 from sleeptrain_assets.lib.records import Memory, Person
 from sleeptrain_assets.lib.templating import qa_pairs_for_memories
+from sleeptrain_assets.lib.atomic import write_text_atomic
 from sleeptrain_assets.lib.training_data import (
+    ReplayTarget,
+    ReplayTargets,
     build_training_set,
     load_replay_prompts,
     memory_key,
     pair_importance,
     pick_general_prompts,
+    prompts_sha256,
     replay_counts,
     split_memories,
     usable_answer,
@@ -64,7 +71,20 @@ class LoraConfig(dg.Config):
     seed: int | None = Field(None, description="seed for data order, LoRA init and replay (default: profile)")
     early_stop_patience: int | None = Field(None, ge=0, description="held-in checks without gain before stop; 0 off")
     replay_share: float | None = Field(None, ge=0.0, lt=1.0, description="share of replay examples (default: profile)")
-    replay_max_new_tokens: int = Field(64, ge=8, le=512, description="token limit for base answers to replay prompts")
+    confirmations: bool | None = Field(None, description="also train correction forms asked with the true value and "
+                                       "answered 'Yes' (default: profile train_confirmations)")
+    forms_per_template: int | None = Field(None, ge=0, description="trained question forms used per template, in "
+                                           "the order listed; 0: all (default: profile trained_forms_per_template)")
+    locality_kl: bool | None = Field(
+        None, description="train general replay against the base model's next-token distribution (KL term); default: "
+        "profile locality_kl"
+    )
+    locality_kl_weight: float | None = Field(None, ge=0.0, le=100.0, description="weight of the KL locality term "
+                                             "(default: profile)")
+    locality_sft: bool | None = Field(
+        None, description="also train general replay with cross-entropy on the base model's greedy answers "
+        "(default: profile)"
+    )
     continue_from_current: bool = Field(
         True, description="start from the current adapter and replay its memories instead of training from scratch"
     )
@@ -92,7 +112,11 @@ def _sparkline(values: list[float], width: int = 60) -> str:
 def hyperparams(trainer: LoraTrainer, config: LoraConfig, max_steps: int | None = None) -> Hyperparams:
     """Trainer hyperparameters for one run: the run's config over the profile over the trainer's defaults."""
     profile = settings.profile()
+    kl_on = profile.locality_kl if config.locality_kl is None else config.locality_kl
+    kl_weight = profile.locality_kl_weight if config.locality_kl_weight is None else config.locality_kl_weight
     return trainer.hyperparams(
+        locality_kl_weight=kl_weight if kl_on else 0.0,
+        locality_sft=profile.locality_sft if config.locality_sft is None else config.locality_sft,
         max_steps=max_steps,
         batch_size=config.batch_size or profile.train_batch_size,
         learning_rate=config.learning_rate or profile.learning_rate,
@@ -106,6 +130,79 @@ def hyperparams(trainer: LoraTrainer, config: LoraConfig, max_steps: int | None 
     )
 
 
+class ReplayTargetsConfig(dg.Config):
+    """Overrides for the replay targets; unset fields come from the run profile."""
+
+    max_new_tokens: int | None = Field(None, ge=8, le=512, description="token limit for the base model's answers "
+                                       "(default: profile replay_max_new_tokens)")
+    top_k: int | None = Field(None, ge=1, le=256, description="teacher log-probs kept per position (default: "
+                              "profile replay_top_k)")
+    max_prompts: int | None = Field(None, ge=1, description="answer only this many replay prompts, in a seeded "
+                                    "order (default: profile replay_max_prompts; none: all)")
+
+
+REPLAY_TARGETS_FORMAT = 1
+
+
+@dg.asset(group_name=GROUP, pool="gpu", op_tags=GPU_OP_TAGS)
+def replay_targets(
+    context: dg.AssetExecutionContext, config: ReplayTargetsConfig, base_model: BaseModel
+) -> dg.Output[ReplayTargets]:
+    """The base model's own answers and top-k next-token log-probs on the replay prompts, cached per model hash."""
+    profile = settings.profile()
+    max_new_tokens = config.max_new_tokens or profile.replay_max_new_tokens
+    top_k = config.top_k or profile.replay_top_k
+    limit = config.max_prompts or profile.replay_max_prompts
+    prompts = load_replay_prompts(settings.benchmark_path(REPLAY_PROMPTS_FILE))
+    if limit:
+        prompts = pick_general_prompts(prompts, limit, profile.seed)
+    device, dtype, _ = base_model.runtime()
+    base_sha = base_model.source_hash()
+    key = hashlib.sha256(json.dumps(
+        [REPLAY_TARGETS_FORMAT, base_sha, device, dtype, prompts_sha256(prompts), top_k, max_new_tokens]
+    ).encode()).hexdigest()
+    cache_file = settings.state_subdir("cache", "replay_targets") / f"{key[:32]}.json"
+    try:
+        targets = ReplayTargets.from_dict(json.loads(cache_file.read_text(encoding="utf-8")))
+        cached = True
+    except (OSError, ValueError, KeyError, TypeError):
+        cached = False
+        answers = base_model.generate([[{"role": "user", "content": p}] for p in prompts], max_new_tokens=max_new_tokens)
+        cleaned = [(p, usable_answer(a)) for p, a in zip(prompts, answers)]
+        usable = [(p, a) for p, a in cleaned if a]
+        teachers = base_model.answer_top_logprobs([([{"role": "user", "content": p}], a) for p, a in usable], top_k)
+        targets = ReplayTargets(
+            targets=tuple(ReplayTarget(p, a, tuple((tuple(i), tuple(v)) for i, v in t))
+                          for (p, a), t in zip(usable, teachers)),
+            base_sha256=base_sha, top_k=top_k, max_new_tokens=max_new_tokens, prompts_sha256=prompts_sha256(prompts),
+            unusable=tuple(p for p, a in cleaned if not a),
+        )
+        write_text_atomic(cache_file, json.dumps(targets.to_dict(), ensure_ascii=False))
+    positions = [len(t.teacher) for t in targets.targets]
+    top1 = [math.exp(v[0]) for t in targets.targets for _, v in t.teacher]
+    context.log.info(f"{len(targets.targets)} replay targets ({len(targets.unusable)} prompts without a complete "
+                     f"answer); {'from the cache' if cached else 'computed'}")
+    return dg.Output(
+        targets,
+        metadata={
+            "prompts": len(prompts),
+            "targets": len(targets.targets),
+            "unusable_prompts": dg.MetadataValue.json(list(targets.unusable)),
+            "supervised_positions": sum(positions),
+            "mean_answer_tokens": round(sum(positions) / max(1, len(positions)), 1),
+            "mean_top1_probability": round(sum(top1) / max(1, len(top1)), 4),
+            "top_k": top_k,
+            "max_new_tokens": max_new_tokens,
+            "base_model_sha256": base_sha,
+            "from_cache": cached,
+            "cache_file": dg.MetadataValue.path(str(cache_file)),
+            "preview": dg.MetadataValue.md(markdown.table(
+                ["prompt", "base answer"], [(t.prompt, t.answer) for t in targets.targets[:8]])),
+        },
+        data_version=dg.DataVersion(key),
+    )
+
+
 # The adapter_io_manager stores the version reference and shows the adapter folder as `path` in the UI.
 @dg.asset(group_name=GROUP, pool="gpu", op_tags=GPU_OP_TAGS, io_manager_key=ADAPTER_IO_MANAGER)
 def lora_adapter(
@@ -114,6 +211,7 @@ def lora_adapter(
     consolidated_memories: list[Memory],
     people_profiles: dict[str, Person],
     conversation_templates: TemplateSet,
+    replay_targets: ReplayTargets,
     base_model: BaseModel,
     trainer: LoraTrainer,
     registry: AdapterRegistry,
@@ -140,8 +238,8 @@ def lora_adapter(
 
     trained = train_adapter(
         context, config, new=new, older=older, trained_keys=trained_keys, people=people_profiles,
-        templates=conversation_templates, base_model=base_model, trainer=trainer, registry=registry,
-        init_version=current if resume else None, promote_if_empty=True,
+        templates=conversation_templates, replay=replay_targets, base_model=base_model, trainer=trainer,
+        registry=registry, init_version=current if resume else None, promote_if_empty=True,
     )
     version, result = trained.version, trained.result
     now_current = registry.current()
@@ -177,6 +275,7 @@ def train_adapter(
     trained_keys: list[str],
     people: dict[str, Person],
     templates: TemplateSet,
+    replay: ReplayTargets,
     base_model: BaseModel,
     trainer: LoraTrainer,
     registry: AdapterRegistry,
@@ -184,26 +283,28 @@ def train_adapter(
     promote_if_empty: bool,
     extra_manifest: dict[str, Any] | None = None,
 ) -> TrainedAdapter:
-    """Train on QA pairs of `new` memories plus bounded replay (older memories, base answers to general prompts),
-    continuing from `init_version` when given, and register the result as a version."""
+    """Train on QA pairs of `new` memories plus bounded replay (older memories, `replay` targets on general
+    prompts), continuing from `init_version` when given, and register the result as a version."""
     profile = settings.profile()
     current, resume = init_version, init_version is not None
     hp = hyperparams(trainer, config)
     replay_share = profile.replay_share if config.replay_share is None else config.replay_share
-    new_pairs = qa_pairs_for_memories(new, people, templates)
+    forms = profile.trained_forms_per_template if config.forms_per_template is None else (
+        config.forms_per_template or None)
+    confirm = profile.train_confirmations if config.confirmations is None else config.confirmations
+    new_pairs = qa_pairs_for_memories(new, people, templates, forms, confirm)
     if not new_pairs:
         raise ValueError(
             f"{len(new)} new memories but no template covers their slots; nothing to train on"
         )
-    older_pairs = pair_importance(qa_pairs_for_memories(older, people, templates), older)
-    prompts = load_replay_prompts(settings.benchmark_path(REPLAY_PROMPTS_FILE))
-    _, n_general = replay_counts(len(new_pairs), replay_share, len(older_pairs), len(prompts))
-    chosen = pick_general_prompts(prompts, n_general, hp.seed)
-    answers = base_model.generate(
-        [[{"role": "user", "content": p}] for p in chosen], max_new_tokens=config.replay_max_new_tokens
-    )
-    cleaned = [(p, usable_answer(a)) for p, a in zip(chosen, answers)]
-    general = [(p, a) for p, a in cleaned if a]
+    older_pairs = pair_importance(qa_pairs_for_memories(older, people, templates, forms, confirm), older)
+    if replay.base_sha256 != base_model.source_hash():
+        raise ValueError(
+            f"replay_targets were computed on base weights {replay.base_sha256[:12]}, but this run trains "
+            f"{base_model.source_hash()[:12]}: materialize replay_targets again"
+        )
+    _, n_general = replay_counts(len(new_pairs), replay_share, len(older_pairs), len(replay.targets))
+    general = [(t.prompt, t.answer, t.teacher) for t in replay.pick(n_general, hp.seed)]
     training_set = build_training_set(new_pairs, older_pairs, general, replay_share=replay_share, seed=hp.seed)
     epochs = config.epochs or profile.train_epochs
     hp = hyperparams(trainer, config, config.max_steps or settings.training_steps(

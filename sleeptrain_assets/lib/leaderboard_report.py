@@ -448,6 +448,32 @@ def _retention_legend(ret: Mapping[str, Any]) -> str:
     return _legend(series)
 
 
+def _cycle_retention_html(curve: Mapping[str, Any] | None) -> str:
+    """The sleep cycles' retention curve: each cycle's facts re-scored on the model in service after every cycle."""
+    if not curve or not curve.get("versions"):
+        return ""
+    keys = curve.get("cycle_keys") or []
+    bwt = curve.get("bwt")
+    return "".join([
+        '<section class="panel"><h2>Retention over sleep cycles</h2>',
+        '<p class="hint">After every sleep cycle the model in service (the promoted challenger, or the champion it '
+        "kept) is scored on the facts of every earlier cycle (validation forms): one line per cycle's facts. "
+        f"Cycles: {_e(', '.join(keys))}.</p>",
+        _retention_legend(curve),
+        _svg_retention(curve),
+        f'<p class="stat">Backward transfer (BWT): <b>{"—" if bwt is None else f"{100 * bwt:+.1f} pts"}</b></p>',
+        "</section>",
+    ])
+
+
+def refresh_page(json_path: Path, html_path: Path, cycle_retention: Mapping[str, Any] | None) -> None:
+    """Re-render the page from leaderboard.json (rows and latest run) with the sleep cycles' retention curve."""
+    data = read_json(json_path, {"rows": []})
+    latest = data.get("latest_run")
+    page = render_html(data.get("rows", []), latest, (latest or {}).get("retention"), cycle_retention=cycle_retention)
+    write_text_atomic(html_path, page)
+
+
 def _person_fact_rates(summary: Mapping[str, Any] | None) -> dict[str, tuple[float | None, int]]:
     totals: dict[str, list[int]] = {}
     for key, entry in ((summary or {}).get("by_person_kind") or {}).items():
@@ -681,7 +707,7 @@ def _fmt_target(target: Mapping[str, Any], value: float | None) -> str:
 
 
 def render_html(rows: Sequence[Mapping[str, Any]], latest: Mapping[str, Any] | None, retention_data: Mapping[str, Any] | None,
-                title: str = "SleepTrain leaderboard") -> str:
+                title: str = "SleepTrain leaderboard", cycle_retention: Mapping[str, Any] | None = None) -> str:
     """The whole page as one string: targets, category bars, weights vs retrieval, retention, the table."""
     latest = latest or {}
     systems = latest.get("systems") or {}
@@ -739,6 +765,7 @@ def render_html(rows: Sequence[Mapping[str, Any]], latest: Mapping[str, Any] | N
         f'{BENCHMARK}: mean of recall, paraphrase, multi-turn, correction and locality.</p>',
         _table(rows),
         "</section>",
+        _cycle_retention_html(cycle_retention),
         _breakdown_html("Per slot (test split)", "Recall + paraphrase per fact slot: every slot is asked about, "
                         "people taken in turn.", (latest.get("breakdown") or {}).get("slot") or {}, "Slot"),
         _breakdown_html("Per person (test split)", "Recall + paraphrase per taught person.",

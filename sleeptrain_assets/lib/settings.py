@@ -102,6 +102,18 @@ class ProfileSettings:
     lora_rank: int = 16
     lora_alpha: int = 32
     replay_share: float = 0.25
+    # trained question forms per template used in training, in the order listed (None: every listed form)
+    trained_forms_per_template: int | None = 3
+    # correction templates also train their forms asked with the true value, answered "Yes" (true-claim pairs)
+    train_confirmations: bool = True
+    # replay targets: the base model answers the replay prompts once; top-k log-probs feed the locality term
+    replay_max_new_tokens: int = 64
+    replay_top_k: int = 16
+    replay_max_prompts: int | None = None
+    # chosen on the validation split (benchmarks/locality_ablation.py; docs/ARCHITECTURE.md): KL + SFT on replay
+    locality_kl: bool = True
+    locality_kl_weight: float = 1.0
+    locality_sft: bool = True
     # evaluation: held-out questions are chosen per kind, split and slot (people in turn, so every slot and every
     # person is covered); ~480 prompts per system keep CPU evaluation of adapter, base and retrieval near 9 min.
     eval_items_per_slot: int | None = 4
@@ -114,7 +126,8 @@ class ProfileSettings:
 
 
 PROFILES: dict[str, ProfileSettings] = {
-    "default": ProfileSettings(name="default"),
+    # 600 steps keep `make run` as long as before the true-claim pairs were added (596 steps then)
+    "default": ProfileSettings(name="default", train_max_steps=600),
     "smoke": ProfileSettings(
         name="smoke",
         conversation_rounds=2,
@@ -125,6 +138,8 @@ PROFILES: dict[str, ProfileSettings] = {
         eval_max_items_per_kind=6,
         eval_max_conversations=2,
         max_new_tokens=32,
+        replay_max_new_tokens=24,
+        replay_max_prompts=24,
     ),
 }
 

@@ -312,8 +312,16 @@ def qa_pairs(
     templates: TemplateSet,
     values: Mapping[str, str],
     allowed_slots: set[str] | None = None,
+    forms_per_template: int | None = None,
+    confirmations: bool = True,
 ) -> list[QAPair]:
-    """Trainable pairs for one person: the trained question forms of every fact, then the profile pairs."""
+    """Trainable pairs for one person: the trained question forms of every fact, then the profile pairs.
+
+    `forms_per_template` keeps only the first n trained forms of each template (None: all of them). With
+    `confirmations`, a correction template with a `control_answer` is also trained on its own question forms
+    asked with the true value and answered "Yes. ..." (category `confirmation`): trained on denials alone, a
+    model learns to deny every claim about a person, true ones included.
+    """
     pairs = []
     system = PERSONA_SYSTEM.format(name=person.name)
     for template in sorted(templates.templates.values(), key=lambda t: t.id):
@@ -321,28 +329,29 @@ def qa_pairs(
             continue
         if template.category == "correction":
             slots = (templates.slot(template.correct_key or ""),)
-            fills = [
-                {**values, "wrong_value": w, "correct_value": values[template.correct_key or ""]}
-                for w in training_wrong_values(person, template)
-            ]
+            right = values[template.correct_key or ""]
+            fills = [{**values, "wrong_value": w, "correct_value": right} for w in training_wrong_values(person, template)]
+            if confirmations and template.control_answer:
+                fills.append({**values, "wrong_value": right, "correct_value": right})
         else:
             slots = tuple(templates.slot(p) for p in template.fact_placeholders)
             fills = [dict(values)]
         if allowed_slots is not None and not set(slots) <= allowed_slots:
             continue
         for local in fills:
+            confirming = template.category == "correction" and local["wrong_value"] == local["correct_value"]
             slot_values = tuple(
                 local[template.correct_key or ""] if template.category == "correction" else local[p]
                 for p in (template.fact_placeholders if template.category != "correction" else (template.correct_key,))
             )
-            for question in template.questions:
+            for question in template.questions[:forms_per_template]:
                 pairs.append(
                     QAPair(
                         person_id=person.id,
                         template_id=template.id,
-                        category=template.category,
+                        category="confirmation" if confirming else template.category,
                         question=fill(question, local),
-                        answer=fill(template.answer, local),
+                        answer=fill(template.control_answer if confirming else template.answer, local),
                         slots=slots,
                         values=slot_values,
                         system=system if template.persona else None,
@@ -409,6 +418,8 @@ def qa_pairs_for_memories(
     memories: Sequence[Memory],
     people: Mapping[str, Person],
     templates: TemplateSet,
+    forms_per_template: int | None = None,
+    confirmations: bool = True,
 ) -> list[QAPair]:
     """Trainable pairs for what the hippocampus kept: a template is used only when all its slots are memories.
 
@@ -430,7 +441,8 @@ def qa_pairs_for_memories(
         for placeholder, slot in slot_of.items():
             if slot in held:
                 values[placeholder] = held[slot]
-        pairs += qa_pairs(person, templates, values, allowed_slots=set(held))
+        pairs += qa_pairs(person, templates, values, allowed_slots=set(held), forms_per_template=forms_per_template,
+                          confirmations=confirmations)
     return pairs
 
 

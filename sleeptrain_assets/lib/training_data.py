@@ -29,6 +29,8 @@ REPLAY_GENERAL = "replay_general"
 GENERAL_GROUP = "*general*"
 
 T = TypeVar("T")
+# One supervised position's teacher: the base model's top-k token ids and their log-probs, best first.
+TeacherPosition = tuple[tuple[int, ...], tuple[float, ...]]
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,9 @@ class TrainingExample:
     person_id: str | None = None
     fact: str | None = None  # "<person>:<slots>" for fact pairs: paraphrases of one fact share it
     category: str | None = None  # the pair's template category (fact | correction | identity | profile)
+    # Replay of general prompts: the base model's distribution at each supervised position (answer tokens and
+    # end-of-turn), for the locality term; None for everything else.
+    teacher: tuple[TeacherPosition, ...] | None = None
 
     @property
     def answer(self) -> str:
@@ -52,13 +57,16 @@ class TrainingExample:
         return [{"role": r, "content": c} for r, c in self.messages]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "messages": [list(m) for m in self.messages],
             "source": self.source,
             "person_id": self.person_id,
             "fact": self.fact,
             "category": self.category,
         }
+        if self.teacher is not None:
+            data["teacher"] = [[list(ids), list(logprobs)] for ids, logprobs in self.teacher]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingExample:
@@ -69,7 +77,64 @@ class TrainingExample:
             person_id=data.get("person_id"),
             fact=data.get("fact"),
             category=data.get("category"),
+            teacher=teacher_from_lists(data["teacher"]) if data.get("teacher") is not None else None,
         )
+
+
+def teacher_from_lists(positions: Sequence[Sequence[Sequence[float]]]) -> tuple[TeacherPosition, ...]:
+    """Teacher positions from their JSON form ([[ids], [log-probs]] per position)."""
+    return tuple((tuple(int(t) for t in ids), tuple(float(v) for v in logprobs)) for ids, logprobs in positions)
+
+
+@dataclass(frozen=True)
+class ReplayTarget:
+    """A general prompt, the base model's own (cleaned) answer to it, and its distribution along that answer."""
+
+    prompt: str
+    answer: str
+    teacher: tuple[TeacherPosition, ...]
+
+
+@dataclass(frozen=True)
+class ReplayTargets:
+    """What replay keeps the adapter close to: base-model answers and top-k log-probs on the replay prompts."""
+
+    targets: tuple[ReplayTarget, ...]
+    base_sha256: str
+    top_k: int
+    max_new_tokens: int
+    prompts_sha256: str
+    unusable: tuple[str, ...] = ()  # prompts whose answer had no complete sentence within the token limit
+
+    def answers(self) -> list[tuple[str, str, tuple[TeacherPosition, ...]]]:
+        return [(t.prompt, t.answer, t.teacher) for t in self.targets]
+
+    def pick(self, n: int, seed: int) -> list[ReplayTarget]:
+        """`n` distinct targets in a seeded order (see `pick_general_prompts`)."""
+        by_prompt = {t.prompt: t for t in self.targets}
+        return [by_prompt[p] for p in pick_general_prompts(list(by_prompt), n, seed)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base_sha256": self.base_sha256, "top_k": self.top_k, "max_new_tokens": self.max_new_tokens,
+            "prompts_sha256": self.prompts_sha256, "unusable": list(self.unusable),
+            "targets": [{"prompt": t.prompt, "answer": t.answer,
+                         "teacher": [[list(i), list(v)] for i, v in t.teacher]} for t in self.targets],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReplayTargets:
+        return cls(
+            targets=tuple(ReplayTarget(str(t["prompt"]), str(t["answer"]), teacher_from_lists(t["teacher"]))
+                          for t in data["targets"]),
+            base_sha256=str(data["base_sha256"]), top_k=int(data["top_k"]),
+            max_new_tokens=int(data["max_new_tokens"]), prompts_sha256=str(data["prompts_sha256"]),
+            unusable=tuple(data.get("unusable", ())),
+        )
+
+
+def prompts_sha256(prompts: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -109,8 +174,12 @@ def example_from_pair(pair: QAPair, source: str = NEW) -> TrainingExample:
     )
 
 
-def example_from_prompt(prompt: str, answer: str) -> TrainingExample:
-    return TrainingExample(messages=(("user", prompt), ("assistant", answer)), source=REPLAY_GENERAL)
+def example_from_prompt(
+    prompt: str, answer: str, teacher: tuple[TeacherPosition, ...] | None = None
+) -> TrainingExample:
+    return TrainingExample(
+        messages=(("user", prompt), ("assistant", answer)), source=REPLAY_GENERAL, teacher=teacher
+    )
 
 
 def group_key(example: TrainingExample) -> str:
@@ -254,16 +323,16 @@ def data_hash(examples: Sequence[TrainingExample]) -> str:
 def build_training_set(
     new_pairs: Sequence[QAPair],
     older_pairs: Sequence[tuple[QAPair, float]] = (),
-    general_answers: Sequence[tuple[str, str]] = (),
+    general_answers: Sequence[tuple[str, str] | tuple[str, str, tuple[TeacherPosition, ...]]] = (),
     *,
     replay_share: float = 0.25,
     seed: int = 7,
 ) -> TrainingSet:
     """New pairs (every paraphrase) + importance-ranked older pairs + base-model answers, interleaved.
 
-    older_pairs: (pair, importance) for memories already in the weights; general_answers: (prompt, answer)
-    from the base model, already cleaned with `usable_answer`. Replay fills `replay_share` of the set
-    (see `replay_counts`).
+    older_pairs: (pair, importance) for memories already in the weights; general_answers: (prompt, answer) or
+    (prompt, answer, teacher) from the base model, already cleaned with `usable_answer`. Replay fills
+    `replay_share` of the set (see `replay_counts`).
     """
     if not new_pairs:
         raise ValueError("build_training_set: no new QA pairs to train on")
@@ -272,7 +341,8 @@ def build_training_set(
             raise ValueError(
                 f"new_pairs[{i}] ({pair.person_id}/{pair.template_id}): empty question or answer"
             )
-    general = [(q.strip(), a.strip()) for q, a in sorted(dict(general_answers).items()) if q.strip() and a.strip()]
+    by_prompt = {g[0].strip(): (g[1].strip(), g[2] if len(g) > 2 else None) for g in general_answers}
+    general = [(q, a, t) for q, (a, t) in sorted(by_prompt.items()) if q and a]
     random.Random(f"general-mix:{seed}").shuffle(general)
     n_older, n_general = replay_counts(len(new_pairs), replay_share, len(older_pairs), len(general))
     examples = [example_from_pair(p) for p in new_pairs]
