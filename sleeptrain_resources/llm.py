@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -519,14 +520,17 @@ def _greedy_compacting(model: Any, seqs: Sequence[Sequence[int]], pad_id: int, d
 def _roomy_cache(config: Any, capacity: int) -> Any:
     """A DynamicCache whose full-attention layers keep keys and values in buffers with room for `capacity`
     positions: a decoding step writes one position instead of `torch.cat`-copying the whole cache into a fresh
-    allocation, which took 40-70% of a step at 32 rows (measured). Attention reads the same values."""
+    allocation (aten::cat was 43% of a profiled 32-row decoding step; end to end on 64 prompts it saved about
+    3%). Attention reads the same values."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
+    roomy = _roomy_layer_class()
     cache = DynamicCache(config=config)
-    cache.layers = [_RoomyLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [roomy(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
 
 
+@functools.cache
 def _roomy_layer_class() -> type:
     from transformers.cache_utils import DynamicLayer
 
@@ -573,20 +577,14 @@ def _roomy_layer_class() -> type:
                 self._values = self._values.repeat_interleave(repeats, dim=0)
                 self._views()
 
+        def reset(self) -> None:
+            self.length = 0
+            super().reset()
+
         def crop(self, tokens_to_remove: int) -> None:
             raise NotImplementedError("a decoding buffer is never cropped")
 
     return RoomyLayer
-
-
-def _RoomyLayer(capacity: int) -> Any:  # noqa: N802 - the class is built at first use (transformers is heavy)
-    global _ROOMY_LAYER
-    if _ROOMY_LAYER is None:
-        _ROOMY_LAYER = _roomy_layer_class()
-    return _ROOMY_LAYER(capacity)
-
-
-_ROOMY_LAYER: type | None = None
 
 
 def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
