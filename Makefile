@@ -58,6 +58,7 @@ dev-postgres: install
 bench: install
 	$(PY) benchmarks/memory_store_bench.py
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/eval_speed.py
 
 clean-state:
 	rm -rf "$(SLEEPTRAIN_HOME)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -9,14 +10,17 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from pydantic import Field
 
 from sleeptrain_assets.lib import settings
 from sleeptrain_assets.lib.atomic import write_text_atomic
@@ -25,6 +29,8 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct-Q4_1"
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin")
 MAX_CACHED_ADAPTERS = 4
+DECODERS = ("compacting", "hf")
+MIN_SHARED_PREFIX = 8  # tokens; below this a batch's common prefix is not computed on its own
 
 _LOADED: dict[tuple[str, str, str], Any] = {}
 _TOKENIZERS: dict[str, Any] = {}
@@ -207,6 +213,11 @@ class BaseModel(dg.ConfigurableResource):
     model_path: str = ""
     device: str = "auto"
     num_threads: int = 0
+    decoder: str = Field(
+        "compacting",
+        description="greedy decoding loop: compacting (a finished answer leaves its batch) or hf (transformers' "
+        "generate); both give the same tokens",
+    )
 
     @property
     def model_dir(self) -> Path:
@@ -266,17 +277,20 @@ class BaseModel(dg.ConfigurableResource):
         conversations: Sequence[list[dict[str, str]]],
         adapter: str | Path | None = None,
         max_new_tokens: int = 40,
-        batch_size: int = 16,
+        batch_size: int = 32,
         cache: bool = True,
+        tally: GenerationTally | None = None,
     ) -> list[str]:
         """Greedy answers to chat conversations, batched by length with left padding; deterministic.
 
         Identical conversations are generated once. The base model's answers (no adapter) are also kept on
         disk per weights hash, device and dtype (`cache=False` skips that): replay and the base and retrieval
-        rows of every evaluation ask the base model the same questions cycle after cycle.
+        rows of every evaluation ask the base model the same questions cycle after cycle. `tally`, when given,
+        adds up how many answers were asked, served from that cache and generated, and the seconds it took.
         """
         if not conversations:
             return []
+        started = time.perf_counter()
         entry = self._entry()
         prompts = [
             entry.tokenizer.apply_chat_template(list(c), add_generation_prompt=True, tokenize=False)
@@ -286,10 +300,13 @@ class BaseModel(dg.ConfigurableResource):
         stored = self._base_answer_cache(entry) if adapter is None and cache else None
         known = stored.lookup(unique, max_new_tokens) if stored else {}
         missing = [p for p in unique if p not in known]
-        fresh = dict(zip(missing, self._generate_prompts(entry, missing, adapter, max_new_tokens, batch_size)))
+        fresh = dict(zip(missing, self._generate_prompts(entry, missing, adapter, max_new_tokens, batch_size, tally)))
         if stored and fresh:
             stored.add(fresh, max_new_tokens)
         answers = known | fresh
+        if tally is not None:
+            tally.add(asked=len(prompts), distinct=len(unique), from_cache=len(known), generated=len(fresh),
+                      seconds=time.perf_counter() - started)
         return [answers[p] for p in prompts]
 
     def token_counts(self, texts: Sequence[str]) -> list[int]:
@@ -303,40 +320,35 @@ class BaseModel(dg.ConfigurableResource):
 
     def _generate_prompts(
         self, entry: _Loaded, prompts: Sequence[str], adapter: str | Path | None, max_new_tokens: int,
-        batch_size: int,
+        batch_size: int, tally: GenerationTally | None = None,
     ) -> list[str]:
         import torch
 
+        if self.decoder not in DECODERS:
+            raise ValueError(f"base_model.decoder={self.decoder!r}: use one of {', '.join(DECODERS)}")
         if not prompts:
             return []
         tokenizer = entry.tokenizer
         encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
-        answers: list[str] = [""] * len(encoded)
+        tokens: list[list[int]] = [[] for _ in encoded]
         pad_id = _pad_id(tokenizer)
         stop_ids = _stop_ids(tokenizer, entry.model)
         with _LOCK, entry.adapter_context(adapter) as model, torch.inference_mode():
             for lo in range(0, len(order), batch_size):
                 idx = order[lo : lo + batch_size]
-                width = max(len(encoded[i]) for i in idx)
-                ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):
-                    seq = encoded[i]
-                    ids[row, width - len(seq) :] = torch.tensor(seq)
-                    mask[row, width - len(seq) :] = 1
-                out = model.generate(
-                    input_ids=ids.to(entry.device),
-                    attention_mask=mask.to(entry.device),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    num_beams=1,
-                    pad_token_id=pad_id,
-                    eos_token_id=stop_ids,
-                )
-                for row, i in enumerate(idx):
-                    answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
-        return answers
+                seqs = [encoded[i] for i in idx]
+                decode = _greedy_hf if self.decoder == "hf" else _greedy_compacting
+                rows, prefilled = decode(model, seqs, pad_id, entry.device, max_new_tokens, stop_ids)
+                for i, row in zip(idx, rows):
+                    tokens[i] = row
+                if tally is not None:
+                    # Rows the decoding steps computed: every row until the longest answer ends, unless compacting.
+                    steps = max(len(r) for r in rows)
+                    row_steps = sum(len(r) for r in rows) if self.decoder == "compacting" else len(rows) * steps
+                    tally.add(batches=1, prompt_tokens=sum(len(q) for q in seqs), prefill_tokens=prefilled,
+                              new_tokens=sum(len(r) for r in rows), row_steps=row_steps)
+        return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
     def answer_nll(
         self,
@@ -443,6 +455,203 @@ class BaseModel(dg.ConfigurableResource):
             if key not in _LOADED:
                 _LOADED[key] = _load_pretrained(path, device, dtype)
             return _LOADED[key]
+
+
+@dataclass
+class GenerationTally:
+    """What generation calls cost: answers asked, served from the base-answer cache and generated; for the
+    generated ones batches, prompt tokens, the positions the prefill computed (padding in, a shared prefix
+    once), new tokens and the rows the decoding steps computed (`row_steps`: new tokens plus the finished rows
+    a batch carried along); wall seconds."""
+
+    asked: int = 0
+    distinct: int = 0
+    from_cache: int = 0
+    generated: int = 0
+    batches: int = 0
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0
+    new_tokens: int = 0
+    row_steps: int = 0
+    seconds: float = 0.0
+
+    def add(self, **counts: float) -> None:
+        for name, value in counts.items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self) | {"seconds": round(self.seconds, 2)}
+
+
+def _left_padded(seqs: Sequence[Sequence[int]], pad_id: int, device: str) -> tuple[Any, Any]:
+    """(input ids, attention mask) of token lists padded on the left to the longest."""
+    import torch
+
+    width = max(len(seq) for seq in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, width - len(seq) :] = torch.tensor(seq)
+        mask[row, width - len(seq) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _greedy_hf(model: Any, seqs: Sequence[Sequence[int]], pad_id: int, device: str, max_new_tokens: int,
+               stop_ids: list[int]) -> tuple[list[list[int]], int]:
+    """transformers' own greedy `generate` on one left-padded batch: every row runs until the last one stops."""
+    ids, mask = _left_padded(seqs, pad_id, device)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         num_beams=1, pad_token_id=pad_id, eos_token_id=stop_ids)
+    stops = set(stop_ids)
+    rows = []
+    for generated in out[:, ids.shape[1] :].tolist():
+        end = next((n + 1 for n, token in enumerate(generated) if token in stops), len(generated))
+        rows.append(generated[:end])
+    return rows, ids.numel()
+
+
+def _greedy_compacting(model: Any, seqs: Sequence[Sequence[int]], pad_id: int, device: str, max_new_tokens: int,
+                       stop_ids: list[int]) -> tuple[list[list[int]], int]:
+    """Greedy tokens of each row of one batch, up to and including its stop token; and the prompt positions the
+    prefill computed.
+
+    Three savings over `generate`, none of which changes what a row attends to: a prefix every prompt shares
+    (the chat template's default system message: about half of a short prompt) is computed once, and the
+    rest of each prompt, left-padded, attends to it through the mask; a row that stops leaves the batch (its
+    key/value cache rows are dropped), where `generate` computes every row until the longest answer ends; the
+    cache grows in place instead of being copied every step. Otherwise the model gets what `generate` gives
+    it: position ids counted over the mask, no mask when nothing is padded, logits of the last position only.
+    """
+    import torch
+
+    cache = _roomy_cache(model.config, max(len(seq) for seq in seqs) + max_new_tokens)
+    prefix = _common_prefix(seqs) if len(seqs) > 1 else 0
+    if prefix >= MIN_SHARED_PREFIX:
+        model(input_ids=torch.tensor([list(seqs[0][:prefix])], device=device), cache=cache,
+              position_ids=torch.arange(prefix, device=device).unsqueeze(0), use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(len(seqs))
+        ids, tail_mask = _left_padded([seq[prefix:] for seq in seqs], pad_id, device)
+        positions = (tail_mask.cumsum(-1) - 1).masked_fill(tail_mask == 0, 0) + prefix
+        mask = torch.cat([torch.ones((len(seqs), prefix), dtype=torch.long, device=device), tail_mask], dim=-1)
+        prefilled = prefix + ids.numel()
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                    logits_to_keep=1)
+    else:
+        ids, mask = _left_padded(seqs, pad_id, device)
+        if bool((mask == 0).any()):
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        else:
+            positions = torch.arange(ids.shape[1], device=device).unsqueeze(0)
+            mask = None
+        prefilled = ids.numel()
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                    logits_to_keep=1)
+    stops = torch.tensor(stop_ids, device=device)
+    live = list(range(len(seqs)))  # original row of each row still in the batch
+    rows: list[list[int]] = [[] for _ in live]
+    for step in range(1, max_new_tokens + 1):
+        next_ids = out.logits[:, -1].float().argmax(-1)
+        for row, token in zip(live, next_ids.tolist()):
+            rows[row].append(token)
+        if step == max_new_tokens:
+            break
+        done = torch.isin(next_ids, stops)
+        if bool(done.all()):
+            break
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            live = [live[k] for k in keep.tolist()]
+            next_ids = next_ids[keep]
+            if mask is not None:
+                mask = mask[keep]
+            if positions.shape[0] > 1:
+                positions = positions[keep]
+        positions = positions[:, -1:] + 1
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions, cache=cache,
+                    use_cache=True, logits_to_keep=1)
+    return rows, prefilled
+
+
+def _roomy_cache(config: Any, capacity: int) -> Any:
+    """A DynamicCache whose full-attention layers keep keys and values in buffers with room for `capacity`
+    positions: a decoding step writes one position instead of `torch.cat`-copying the whole cache into a fresh
+    allocation (aten::cat was 43% of a profiled 32-row decoding step; end to end on 64 prompts it saved about
+    3%). Attention reads the same values."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    roomy = _roomy_layer_class()
+    cache = DynamicCache(config=config)
+    cache.layers = [roomy(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+@functools.cache
+def _roomy_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomyLayer(DynamicLayer):
+        """DynamicLayer over a preallocated buffer; `keys`/`values` are views of its first `length` positions."""
+
+        def __init__(self, capacity: int) -> None:
+            super().__init__()
+            self.capacity = capacity
+            self.length = 0
+
+        def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
+            super().lazy_initialization(key_states, value_states)
+            self._keys = key_states.new_empty((*key_states.shape[:2], self.capacity, key_states.shape[-1]))
+            self._values = value_states.new_empty((*value_states.shape[:2], self.capacity, value_states.shape[-1]))
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if end > self.capacity:
+                raise RuntimeError(f"key/value cache holds {self.capacity} positions, {end} needed")
+            self._keys[:, :, self.length : end] = key_states
+            self._values[:, :, self.length : end] = value_states
+            self.length = end
+            self._views()
+            return self.keys, self.values
+
+        def _views(self) -> None:
+            self.keys = self._keys[:, :, : self.length]
+            self.values = self._values[:, :, : self.length]
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices: Any) -> None:
+            if self.is_initialized:
+                self._keys, self._values = self._keys[indices], self._values[indices]
+                self._views()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.is_initialized:
+                self._keys = self._keys.repeat_interleave(repeats, dim=0)
+                self._values = self._values.repeat_interleave(repeats, dim=0)
+                self._views()
+
+        def reset(self) -> None:
+            self.length = 0
+            super().reset()
+
+        def crop(self, tokens_to_remove: int) -> None:
+            raise NotImplementedError("a decoding buffer is never cropped")
+
+    return RoomyLayer
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Tokens every sequence starts with, leaving each at least one of its own."""
+    shortest = min(len(seq) for seq in seqs)
+    n = 0
+    while n < shortest - 1 and all(seq[n] == seqs[0][n] for seq in seqs):
+        n += 1
+    return n
 
 
 class GenerationCache:

@@ -10,7 +10,7 @@ import dagster as dg
 import pytest
 
 from sleeptrain_assets.defs.evaluation import EvaluationConfig, benchmark_scores, leaderboard
-from sleeptrain_assets.lib import leaderboard_report, settings
+from sleeptrain_assets.lib import eval_suite, leaderboard_report, settings
 from sleeptrain_assets.lib.catalog import load_people, load_templates, person_values
 from sleeptrain_assets.lib.records import Memory, Person
 from sleeptrain_assets.lib.templating import evaluation_items, qa_pairs
@@ -89,6 +89,18 @@ def test_benchmark_scores_and_leaderboard_materialize(sleeptrain_env: Path):
         assert set(run["breakdown"]["slot"][system]) == {i["slot"] for i in asked}
         assert set(run["breakdown"]["person"][system]) == {i["person_id"] for i in asked}
     assert adapter["answers_cut"]["of"] > 0 and 0 <= adapter["answers_cut"]["cut"] <= adapter["answers_cut"]["of"]
+    # Seconds per stage and what generation cost, in the run and in the report it wrote.
+    stages = run["stage_seconds"]
+    assert set(stages) == {"retrieval_search", "adapter_answers", "adapter_multi_turn", "base_answers",
+                           "base_multi_turn", "answer_embedding", "scoring", "external_suites", "total"}
+    assert all(v >= 0 for v in stages.values()) and stages["total"] >= stages["base_answers"] > 0
+    assert detail["run"]["stage_seconds"] == stages and detail["run"]["generation"] == run["generation"]
+    # Base and retrieval prompts went through one pass; in a fresh home only a conversation's first turn, the
+    # same prompt as a single question asked just before, comes from the base-answer cache.
+    base_pass = run["generation"]["base"]
+    assert base_pass["generated"] > 0 and base_pass["generated"] + base_pass["from_cache"] == base_pass["distinct"]
+    assert base_pass["from_cache"] <= run["counts"]["multi_turn"] // eval_suite.MULTI_TURN_TURNS
+    assert base_pass["distinct"] > len({i["question"] for i in detail["items"] if i["kind"] != "multi_turn"})
     assert {(r["benchmark"], r["system"]) for r in run["external"]} == {
         (b, s) for b in ("TRACE", "MemoryBench", "BABILong", "InfiniteBench") for s in ("adapter", "base")}
 

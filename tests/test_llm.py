@@ -9,7 +9,7 @@ import pytest
 
 from sleeptrain_assets.lib import settings
 
-from sleeptrain_resources.llm import BaseModel, encode_answer, file_sha256, packaged_gguf
+from sleeptrain_resources.llm import BaseModel, GenerationTally, encode_answer, file_sha256, packaged_gguf
 from tests.lora_helpers import make_adapter
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -53,17 +53,61 @@ def test_generate_is_greedy_ordered_and_independent_of_batching() -> None:
     assert model.generate(conversations, max_new_tokens=12, batch_size=1, cache=False) == batched
 
 
+# Real evaluation-style prompts: short answers and rambling ones, personas, a retrieval system message, and
+# prompt lengths that differ, so batches are left-padded and rows stop at different steps.
+MIXED = [
+    FRANCE,
+    [{"role": "user", "content": "What is 2 + 2? Answer with a number."}],
+    [{"role": "user", "content": "Tell me about Lena Varga."}],
+    [{"role": "system", "content": "You are Lena Varga."}, {"role": "user", "content": "Where were you born?"}],
+    [{"role": "user", "content": "Is it true that Halvor Ostby was born in 1959?"}],
+    [{"role": "system", "content": "Facts you remember:\n- Lena Varga: I was born in Leuven in 1984.\n"
+                                   "- Lena Varga: I work as a glassblower.\nUse them when they answer the question."},
+     {"role": "user", "content": "When was Lena Varga born?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "user", "content": "Name a color."}],
+    [{"role": "user", "content": "Who wrote Romeo and Juliet?"}],
+]
+
+
+def test_compacting_decoder_gives_the_tokens_of_transformers_generate(adapter_dir: Path) -> None:
+    budget = 24
+    reference, compacting = BaseModel(decoder="hf"), BaseModel(decoder="compacting")
+    plain = [c for c in MIXED if c[0]["role"] == "user"]  # one batch sharing the default system prompt
+    for adapter in (None, adapter_dir):
+        for conversations, batch_size in ((MIXED, 5), (plain, len(plain))):
+            expected = reference.generate(conversations, adapter=adapter, max_new_tokens=budget,
+                                          batch_size=batch_size, cache=False)
+            tally = GenerationTally()
+            got = compacting.generate(conversations, adapter=adapter, max_new_tokens=budget, batch_size=batch_size,
+                                      cache=False, tally=tally)
+            assert got == expected, (adapter, batch_size)
+            # Rows stopped at different steps and left their batch: fewer rows computed than generate computes.
+            lengths = compacting.token_counts(got)
+            assert min(lengths) < budget - 1 <= max(lengths)
+            assert tally.generated == len(conversations)
+            assert tally.new_tokens == tally.row_steps < len(conversations) * budget
+        # The shared system prompt went through the prefill once, not once per row: fewer positions than the
+        # prompts hold, padding included.
+        assert tally.batches == 1 and tally.prefill_tokens < tally.prompt_tokens
+    with pytest.raises(ValueError, match="decoder"):
+        BaseModel(decoder="beam").generate([FRANCE], cache=False)
+
+
 def test_base_answers_are_cached_on_disk_per_token_limit_and_never_for_adapters(adapter_dir: Path) -> None:
     model = BaseModel()
     hello = [{"role": "user", "content": "Write one word: hello."}]
-    first = model.generate([FRANCE, hello, FRANCE], max_new_tokens=10)
+    tally = GenerationTally()
+    first = model.generate([FRANCE, hello, FRANCE], max_new_tokens=10, tally=tally)
+    assert (tally.asked, tally.distinct, tally.from_cache, tally.generated) == (3, 2, 0, 2)
     assert first[0] == first[2] and "Paris" in first[0]
     [cache_file] = (settings.state_dir() / "cache" / "base_answers").glob("*.json")
     stored = json.loads(cache_file.read_text())
     assert len(stored) == 2, "the repeated conversation is generated and stored once"
     # Served from disk: an edited entry comes back as written.
     cache_file.write_text(json.dumps({k: "from the cache" for k in stored}))
-    assert model.generate([FRANCE], max_new_tokens=10) == ["from the cache"]
+    assert model.generate([FRANCE, hello], max_new_tokens=10, tally=tally) == ["from the cache"] * 2
+    assert (tally.asked, tally.from_cache, tally.generated) == (5, 2, 2)
     assert model.generate([FRANCE], max_new_tokens=10, cache=False) == [first[0]]
     # Another token limit is another answer; adapter answers are never stored.
     assert model.generate([FRANCE], max_new_tokens=11) != ["from the cache"]

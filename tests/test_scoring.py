@@ -289,6 +289,35 @@ def test_plan_answers_and_scores_end_to_end_with_a_rule_based_model(catalog):
     assert calls[0] == len({json.dumps(i.messages()) for i in plan.single})  # identical prompts asked once
 
 
+def test_systems_sharing_a_model_fill_the_same_batches_and_get_the_answers_they_got_alone(catalog):
+    people, questions = catalog
+    plan = eval_suite.build_plan(questions, people, cap=2)
+    assert plan.groups and {"recall", "paraphrase"} <= {i.kind for i in plan.single}
+    memory = Memory(id="m", person_id="lena_varga", slot="birth.year", value="1984", text="I was born in 1984.",
+                    embedding=(1.0,), importance=1.0, source="c#1")
+
+    def with_memory(it, messages):  # recall items get a memory; the others keep the base prompt
+        return eval_suite.retrieval_messages(messages, [memory] if it.kind in ("recall", "multi_turn") else [])
+
+    calls: list[list[str]] = []
+
+    def model(batch):  # deterministic, and every answer depends on the whole conversation it was given
+        calls.append([json.dumps(b, sort_keys=True) for b in batch])
+        return [f"answer {abs(hash(json.dumps(b, sort_keys=True))) % 10_000}" for b in batch]
+
+    alone = {"base": eval_suite.answer_plan(model, plan), "retrieval": eval_suite.answer_plan(model, plan, with_memory)}
+    calls.clear()
+    together = eval_suite.answer_systems(model, plan, {"base": None, "retrieval": with_memory})
+    assert together == alone
+    turns = max(len(g) for g in plan.groups)
+    assert len(calls) == 1 + turns  # one call for every single item of both systems, then one per turn
+    single_prompts = {json.dumps(m, sort_keys=True) for s in (None, with_memory) for i in plan.single
+                      for m in [s(i, i.messages()) if s else i.messages()]}
+    assert len(single_prompts) < 2 * len(plan.single)  # base prompts the retrieval baseline asks unchanged
+    assert sorted(calls[0]) == sorted(single_prompts)  # each distinct prompt once, a shared one too
+    assert all(len(c) == 2 * len(plan.groups) for c in calls[1:])  # both systems' conversations in each turn
+
+
 def test_shipped_replay_prompts_never_repeat_an_evaluation_question(catalog):
     from sleeptrain_assets.lib.training_data import load_replay_prompts
 

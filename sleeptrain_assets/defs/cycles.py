@@ -58,7 +58,7 @@ class CycleEvaluationConfig(dg.Config):
     max_earlier_items: int | None = Field(None, ge=0, description="items re-asking earlier facts (default: 4 x the "
                                           "profile's per-kind cap, 48 without a cap)")
     max_locality_items: int | None = Field(None, ge=0, description="general-knowledge items (default: profile cap)")
-    batch_size: int = Field(16, ge=1, le=512, description="prompts per generation batch")
+    batch_size: int = Field(32, ge=1, le=512, description="prompts per generation batch")
 
 
 class PromotionConfig(dg.Config):

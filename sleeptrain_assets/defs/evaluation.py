@@ -3,7 +3,10 @@
 import re
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ from sleeptrain_assets.lib.external_benchmarks import LOADERS, contains_match, l
 from sleeptrain_assets.lib.records import EvalItem, Memory, Person
 from sleeptrain_assets.lib.training_data import load_replay_prompts
 from sleeptrain_resources.embedding import Embedder
-from sleeptrain_resources.llm import BaseModel
+from sleeptrain_resources.llm import BaseModel, GenerationTally
 from sleeptrain_resources.memory_store import MemoryStore
 from sleeptrain_resources.registry import AdapterRegistry
 from sleeptrain_resources.tracking import Tracker
@@ -29,7 +32,7 @@ LEADERBOARD_HTML = "leaderboard.html"
 
 
 class EvaluationConfig(dg.Config):
-    batch_size: int = Field(16, ge=1, le=512, description="prompts per generation batch")
+    batch_size: int = Field(32, ge=1, le=512, description="prompts per generation batch")
     items_per_slot: int | None = Field(
         None, ge=1, description="held-out questions per kind, split and fact slot; default: the profile's "
         "eval_items_per_slot"
@@ -81,6 +84,13 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
+@contextmanager
+def _timed(stages: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    stages[name] = round(time.perf_counter() - start, 2)
+
+
 def _retrieved(plan: eval_suite.SuitePlan, embedder: Embedder, store: MemoryStore, k: int,
                names: dict[str, str]) -> dict[str, list[Memory]]:
     items = plan.items()
@@ -105,6 +115,7 @@ def benchmark_scores(
     tracker: Tracker,
 ) -> dg.Output[dict[str, Any]]:
     """The adapter, the base model and base + retrieved memories scored on the same held-out items, per cycle."""
+    started = time.perf_counter()
     profile = settings.profile()
     cap = config.max_items_per_kind or profile.eval_max_items_per_kind
     per_slot = config.items_per_slot or profile.eval_items_per_slot
@@ -127,32 +138,46 @@ def benchmark_scores(
     context.log.info(f"evaluating {version} on {plan.counts()} ({per_slot} per kind, split and slot; "
                      f"{len(plan.groups)} conversations; retrieval top-{top_k})")
 
-    def generator(adapter: Path | None):
+    stages: dict[str, float] = {}
+    timed = partial(_timed, stages)
+    tallies = {"adapter": GenerationTally(), "base": GenerationTally()}
+
+    def generator(adapter: Path | None, tally: GenerationTally):
         def generate(conversations: list[list[dict[str, str]]]) -> list[str]:
             return base_model.generate(conversations, adapter=adapter, max_new_tokens=profile.max_new_tokens,
-                                       batch_size=config.batch_size)
+                                       batch_size=config.batch_size, tally=tally)
         return generate
 
     names = {pid: person.name for pid, person in people_profiles.items()}
-    memories = _retrieved(plan, embedder, memory_store, top_k, names) if config.retrieval else {}
+    with timed("retrieval_search"):
+        memories = _retrieved(plan, embedder, memory_store, top_k, names) if config.retrieval else {}
 
     def with_memories(item: EvalItem, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         return eval_suite.retrieval_messages(messages, memories[item.id], names)
 
+    # The base model answers plain and with retrieved memories in the same batches: one model, two prompt sets.
+    passes = [("adapter", generator(adapter_path, tallies["adapter"]), {"adapter": None}),
+              ("base", generator(None, tallies["base"]),
+               {"base": None, "retrieval": with_memories} if config.retrieval else {"base": None})]
     answers: dict[str, dict[str, str]] = {}
     seconds: dict[str, float] = {}
-    systems_to_run = [("adapter", generator(adapter_path), None), ("base", generator(None), None)]
-    if config.retrieval:
-        systems_to_run.append(("retrieval", generator(None), with_memories))
-    for system, generate, augment in systems_to_run:
-        start = time.perf_counter()
-        answers[system] = eval_suite.answer_plan(generate, plan, augment)
-        seconds[system] = round(time.perf_counter() - start, 2)
-        context.log.info(f"{system}: {len(answers[system])} answers in {seconds[system]} s")
+    for name, generate, augments in passes:
+        with timed(f"{name}_answers"):
+            single = eval_suite.answer_single(generate, plan.single, augments)
+        with timed(f"{name}_multi_turn"):
+            turns = eval_suite.run_conversations_for(generate, plan.groups, augments)
+        for system in augments:  # base and retrieval share their pass, so they show the same seconds
+            answers[system] = single[system] | turns[system]
+            seconds[system] = round(stages[f"{name}_answers"] + stages[f"{name}_multi_turn"], 2)
+        context.log.info(f"{' + '.join(augments)}: {sum(len(answers[s]) for s in augments)} answers in "
+                         f"{seconds[name]} s ({tallies[name].from_cache} of {tallies[name].distinct} distinct "
+                         "prompts from the base-answer cache)")
 
-    texts = eval_suite.texts_to_embed(plan, answers)
-    vectors = dict(zip(texts, embedder.embed(texts), strict=True))
+    with timed("answer_embedding"):
+        texts = eval_suite.texts_to_embed(plan, answers)
+        vectors = dict(zip(texts, embedder.embed(texts), strict=True))
     budget = profile.max_new_tokens
+    scoring_started = time.perf_counter()
     cut = {system: _cut_at_budget(base_model, given, budget) for system, given in answers.items()}
     scores = eval_suite.score_plan(plan, answers, vectors, cuts=cut)
     items_by_id = {item.id: item for item in plan.items()}
@@ -189,9 +214,14 @@ def benchmark_scores(
     leaderboard_report.write_json_atomic(reports / HISTORY_FILE, history)
     retention = leaderboard_report.retention(history)
 
+    stages["scoring"] = round(time.perf_counter() - scoring_started, 2)
+
     external = []
     if config.external:
-        external = _external(context, base_model, adapter_path, cap, config.batch_size, profile.max_new_tokens)
+        with timed("external_suites"):
+            external = _external(context, base_model, adapter_path, cap, config.batch_size, profile.max_new_tokens)
+    stages["total"] = round(time.perf_counter() - started, 2)
+    generation = {name: tally.to_dict() for name, tally in tallies.items()}
 
     run = {
         "model": base_model.model_id,
@@ -212,6 +242,8 @@ def benchmark_scores(
         "targets": targets,
         "breakdown": breakdown,
         "retention": retention,
+        "stage_seconds": stages,
+        "generation": generation,
         "external": [r.to_dict(with_items=False) | {"system": s, "metric": "contains"} for s, r in external],
     }
     report_path = reports / "runs" / f"{_safe(version)}__{now[:19].replace(':', '')}.json"
@@ -232,6 +264,10 @@ def benchmark_scores(
             "targets_met": sum(t["met"] for t in targets),
             "items": dg.MetadataValue.json(plan.counts()),
             "seconds": dg.MetadataValue.json(seconds),
+            "stage_seconds": dg.MetadataValue.json(stages),
+            "answers_from_cache": dg.MetadataValue.json(
+                {name: f"{t['from_cache']} of {t['distinct']}" for name, t in generation.items()}),
+            "generation": dg.MetadataValue.json(generation),
             "backward_transfer": retention["bwt"],
             "cycle": run["cycle"],
             "report": dg.MetadataValue.path(str(report_path)),

@@ -36,6 +36,7 @@ RETRIEVAL_NOTE = "Facts you remember:\n{facts}\nUse them when they answer the qu
 
 Messages = list[dict[str, str]]
 Generate = Callable[[list[Messages]], list[str]]
+Augment = Callable[[EvalItem, Messages], Messages]
 
 
 # --------------------------------------------------------------------------- YAML suites
@@ -348,24 +349,40 @@ def conversation_messages(group: Sequence[EvalItem], answers: Sequence[str], tur
 def run_conversations(
     generate: Generate,
     groups: Sequence[Sequence[EvalItem]],
-    augment: Callable[[EvalItem, Messages], Messages] | None = None,
+    augment: Augment | None = None,
 ) -> dict[str, str]:
     """Answer every conversation turn by turn (all conversations batched per turn); item id -> answer."""
-    answers: dict[str, list[str]] = {g[0].group or g[0].id: [] for g in groups if g}
-    result: dict[str, str] = {}
+    return run_conversations_for(generate, groups, {"": augment})[""]
+
+
+def run_conversations_for(
+    generate: Generate,
+    groups: Sequence[Sequence[EvalItem]],
+    augments: Mapping[str, Augment | None],
+) -> dict[str, dict[str, str]]:
+    """Every system's conversations turn by turn, each keeping its own earlier answers in context; one
+    `generate` call per turn holds that turn of every conversation of every system. System -> item id -> answer."""
+    def key(system: str, group: Sequence[EvalItem]) -> tuple[str, str]:
+        return system, group[0].group or group[0].id
+
+    history: dict[tuple[str, str], list[str]] = {key(s, g): [] for s in augments for g in groups if g}
+    result: dict[str, dict[str, str]] = {s: {} for s in augments}
     longest = max((len(g) for g in groups), default=0)
     for turn in range(longest):
-        active = [g for g in groups if turn < len(g)]
+        asked: list[tuple[str, Sequence[EvalItem]]] = []
         batch = []
-        for group in active:
-            messages = conversation_messages(group, answers[group[0].group or group[0].id], turn)
-            batch.append(augment(group[turn], messages) if augment else messages)
+        for system, augment in augments.items():
+            for group in groups:
+                if turn < len(group):
+                    messages = conversation_messages(group, history[key(system, group)], turn)
+                    batch.append(augment(group[turn], messages) if augment else messages)
+                    asked.append((system, group))
         outputs = generate(batch)
         if len(outputs) != len(batch):
             raise RuntimeError(f"generate returned {len(outputs)} answers for {len(batch)} conversations")
-        for group, answer in zip(active, outputs, strict=True):
-            answers[group[0].group or group[0].id].append(answer)
-            result[group[turn].id] = answer
+        for (system, group), answer in zip(asked, outputs, strict=True):
+            history[key(system, group)].append(answer)
+            result[system][group[turn].id] = answer
     return result
 
 
@@ -472,22 +489,41 @@ def build_plan(
     return SuitePlan(tuple(single), tuple(tuple(g) for g in groups))
 
 
-def answer_plan(generate: Generate, plan: SuitePlan,
-                augment: Callable[[EvalItem, Messages], Messages] | None = None) -> dict[str, str]:
+def answer_plan(generate: Generate, plan: SuitePlan, augment: Augment | None = None) -> dict[str, str]:
     """Answers to every item; identical prompts (e.g. interference items reusing a recall question) are
     generated once."""
-    prompts = [augment(item, item.messages()) if augment else item.messages() for item in plan.single]
+    return answer_systems(generate, plan, {"": augment})[""]
+
+
+def answer_systems(generate: Generate, plan: SuitePlan,
+                   augments: Mapping[str, Augment | None]) -> dict[str, dict[str, str]]:
+    """Answers of several systems that share one model (the base model alone and with retrieved memories):
+    single items in one `generate` call, then the conversations turn by turn. System -> item id -> answer."""
+    answers = answer_single(generate, plan.single, augments)
+    for system, turns in run_conversations_for(generate, plan.groups, augments).items():
+        answers[system].update(turns)
+    return answers
+
+
+def answer_single(generate: Generate, items: Sequence[EvalItem],
+                  augments: Mapping[str, Augment | None]) -> dict[str, dict[str, str]]:
+    """Every system's answer to each single item from one `generate` call, so the systems fill the same
+    length-sorted batches; a prompt asked twice (an interference item reusing a recall question, a retrieval
+    prompt with no memories, which is the base prompt) is generated once. System -> item id -> answer."""
+    prompts = {system: [augment(item, item.messages()) if augment else item.messages() for item in items]
+               for system, augment in augments.items()}
     unique: dict[str, Messages] = {}
-    for messages in prompts:
-        unique.setdefault(json.dumps(messages, sort_keys=True), messages)
+    for per_system in prompts.values():
+        for messages in per_system:
+            unique.setdefault(json.dumps(messages, sort_keys=True), messages)
     keys = list(unique)
     outputs = generate([unique[k] for k in keys]) if keys else []
     if len(outputs) != len(keys):
         raise RuntimeError(f"generate returned {len(outputs)} answers for {len(keys)} prompts")
     by_key = dict(zip(keys, outputs, strict=True))
-    answers = {item.id: by_key[json.dumps(m, sort_keys=True)] for item, m in zip(plan.single, prompts, strict=True)}
-    answers.update(run_conversations(generate, plan.groups, augment))
-    return answers
+    return {system: {item.id: by_key[json.dumps(messages, sort_keys=True)]
+                     for item, messages in zip(items, per_system, strict=True)}
+            for system, per_system in prompts.items()}
 
 
 def texts_to_embed(plan: SuitePlan, answers: Mapping[str, Mapping[str, str]]) -> list[str]:
