@@ -22,14 +22,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.quality_seeds import _data_dir  # noqa: E402
+from benchmarks.quality_seeds import workspace  # noqa: E402
 
 # LoraConfig overrides per variant; "sft" is training without the locality term (replay text only).
 VARIANTS: dict[str, dict] = {
@@ -116,11 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="optimizer steps per variant (default: the profile's epochs)")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
-    os.environ.setdefault("SLEEPTRAIN_PROFILE", "default")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    root = Path(tempfile.mkdtemp(prefix="sleeptrain-ablation-"))
-    model_cache = Path(os.environ.get("SLEEPTRAIN_MODEL_CACHE", REPO / ".sleeptrain" / "models"))
-    data = _data_dir(args.people, root)
+    root, model_cache, data = workspace("sleeptrain-ablation-", args.people)
     rows = []
     try:
         for name in args.variants:

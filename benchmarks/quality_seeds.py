@@ -52,6 +52,15 @@ def _data_dir(people: list[str] | None, root: Path) -> Path:
     return data
 
 
+def workspace(prefix: str, people: list[str] | None) -> tuple[Path, Path, Path]:
+    """(scratch root, model cache, data folder) for a benchmark that runs the graph several times."""
+    os.environ.setdefault("SLEEPTRAIN_PROFILE", "default")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    model_cache = Path(os.environ.get("SLEEPTRAIN_MODEL_CACHE", REPO / ".sleeptrain" / "models"))
+    return root, model_cache, _data_dir(people, root)
+
+
 def _rates(summary: dict, kind: str) -> float | None:
     section = "fictional_by_kind" if kind in PERSON_KINDS else "by_kind"
     return ((summary.get(section) or {}).get(kind) or {}).get("rate")
@@ -103,11 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--people", nargs="*", help="person ids to teach (default: every person in the data)")
     parser.add_argument("--steps", type=int, help="optimizer steps per seed (default: the profile's epochs)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("SLEEPTRAIN_PROFILE", "default")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    root = Path(tempfile.mkdtemp(prefix="sleeptrain-seeds-"))
-    model_cache = Path(os.environ.get("SLEEPTRAIN_MODEL_CACHE", REPO / ".sleeptrain" / "models"))
-    data = _data_dir(args.people, root)
+    root, model_cache, data = workspace("sleeptrain-seeds-", args.people)
     runs = []
     for seed in args.seeds:
         runs.append(run_seed(seed, args.steps, data, root, model_cache))

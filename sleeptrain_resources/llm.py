@@ -363,10 +363,7 @@ class BaseModel(dg.ConfigurableResource):
             return []
         entry = self._entry()
         tokenizer = entry.tokenizer
-        encoded = [encode_answer(tokenizer, msgs, answer) for msgs, answer in pairs]
-        for (msgs, answer), (_, start, end) in zip(pairs, encoded):
-            if end <= start:
-                raise ValueError(f"empty answer for prompt {msgs[-1].get('content', '')!r}")
+        encoded = _encode_pairs(tokenizer, pairs, encode_answer)
         order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), i))
         result = [0.0] * len(encoded)
         pad_id = _pad_id(tokenizer)
@@ -416,10 +413,7 @@ class BaseModel(dg.ConfigurableResource):
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         entry = self._entry()
         tokenizer = entry.tokenizer
-        encoded = [encode_supervised(tokenizer, msgs, answer) for msgs, answer in pairs]
-        for (msgs, _), (_, start, end) in zip(pairs, encoded):
-            if end <= start:
-                raise ValueError(f"empty answer for prompt {msgs[-1].get('content', '')!r}")
+        encoded = _encode_pairs(tokenizer, pairs, encode_supervised)
         order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), i))
         result: list[list[tuple[list[int], list[float]]]] = [[] for _ in encoded]
         pad_id = _pad_id(tokenizer)
@@ -753,6 +747,15 @@ def _load_pretrained(path: Path, device: str, dtype: str) -> _Loaded:
     model.to(device)
     model.eval()
     return _Loaded(model, tokenizer, device, dtype)
+
+
+def _encode_pairs(tokenizer: Any, pairs: Sequence[tuple[list[dict[str, str]], str]], encode: Any) -> list[Any]:
+    """Each (messages, answer) encoded as (ids, answer_start, answer_end); an empty answer is named by its prompt."""
+    encoded = [encode(tokenizer, msgs, answer) for msgs, answer in pairs]
+    for (msgs, _), (_, start, end) in zip(pairs, encoded):
+        if end <= start:
+            raise ValueError(f"empty answer for prompt {msgs[-1].get('content', '')!r}")
+    return encoded
 
 
 def _pad_id(tokenizer: Any) -> int:
