@@ -30,7 +30,7 @@ def test_run_worker_killed_mid_training_registers_nothing_and_the_next_run_recov
     dagster_home.mkdir(parents=True)
     shutil.copy(REPO / "dagster.yaml", dagster_home / "dagster.yaml")
     env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "PYTHONUNBUFFERED": "1"}
-    upstream = _materialize("*consolidated_memories", env)
+    upstream = _materialize("*consolidated_memories,replay_targets", env)
     assert upstream.returncode == 0, upstream.stderr[-4000:]
 
     worker = subprocess.Popen([DAGSTER, "asset", "materialize", "-m", "sleeptrain_assets.definitions", "--select",
