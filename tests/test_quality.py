@@ -19,8 +19,10 @@ from sleeptrain_assets.definitions import defs
 
 REPO = Path(__file__).resolve().parents[1]
 TAUGHT = ("chidinma_oyelaran", "kasimir_wolanski")
-# Steps of 8 examples: about two passes over the two people's ~190 examples (QA pairs, profiles, replay).
-STEPS = int(os.environ.get("SLEEPTRAIN_QUALITY_TEST_STEPS", "48"))
+# Steps of 8 examples: about two passes over the two people's ~240 examples (QA pairs with true-claim pairs,
+# profiles, replay). Measured with the KL locality term on: 72 steps -> recall + paraphrase 0.458 (22/48), locality
+# 22/23; 48 steps gave 0.271, too close to the base model to tell learning from noise.
+STEPS = int(os.environ.get("SLEEPTRAIN_QUALITY_TEST_STEPS", "72"))
 
 
 @pytest.fixture
