@@ -160,8 +160,10 @@ class AdapterRegistry(dg.ConfigurableResource):
             raise RegistryError(f"{source}: not a finished adapter folder, missing {missing}")
         digest = _sha256(source / ADAPTER_WEIGHTS)
         self._clean_stale_incoming()
-        version = self._existing(digest) or self._copy_in(source, digest)
+        # Numbering and "first adapter becomes current" under one lock: released in between, a second writer could
+        # register the next number and take the empty pointer first (seen in CI).
         with self._exclusive():
+            version = self._existing(digest) or self._copy_in(source, digest)
             if promote_if_empty and self._pointer() is None:
                 self.set_current(version, "first adapter of an empty registry")
         return version
