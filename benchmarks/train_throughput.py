@@ -1,6 +1,7 @@
 """Training throughput: SleepTrain's LoraTrainer vs a plain Hugging Face + PEFT loop, same data/steps/model.
 
-(a) LoraTrainer (length-grouped batches, vocabulary projection only at answer positions, fused LoRA GEMMs);
+(a) LoraTrainer (length-grouped batches, short examples packed into shared rows with block-diagonal attention,
+    vocabulary projection only at answer positions, fused LoRA GEMMs); (a') the same with packing off;
 (b) a plain loop: random batches padded to the longest, `model(..., labels=...)`, PEFT's own LoRA layers;
 (c) optional (--with-trl): TRL's SFTTrainer on the same pairs, for the record of why (a) is our own loop.
 Real tokens are non-padding tokens. The bound is this machine's fp32 matmul rate (best square GEMM) divided
@@ -86,16 +87,13 @@ def training_examples(people_limit: int | None):
     return build_training_set(pairs, replay_share=0.0, seed=7)
 
 
-def run_ours(base, training_set, steps: int, batch_size: int, seed: int) -> dict:
+def run_ours(base, training_set, steps: int, batch_size: int, seed: int, pack: bool = True) -> dict:
     from sleeptrain_resources.trainer import LoraTrainer
 
+    overrides = {"max_steps": steps, "batch_size": batch_size, "seed": seed, "early_stop_patience": 0,
+                 "pack_examples": pack}
     with tempfile.TemporaryDirectory() as tmp:
-        result = LoraTrainer().train(
-            training_set,
-            base,
-            Path(tmp) / "adapter",
-            overrides={"max_steps": steps, "batch_size": batch_size, "seed": seed, "early_stop_patience": 0},
-        )
+        result = LoraTrainer().train(training_set, base, Path(tmp) / "adapter", overrides=overrides)
     return {
         "tokens": result.tokens,
         "padding_tokens": result.padding_tokens,
@@ -104,6 +102,11 @@ def run_ours(base, training_set, steps: int, batch_size: int, seed: int) -> dict
         "first_loss": result.loss_curve[0],
         "last_loss": result.final_loss,
     }
+
+
+def run_ours_unpacked(base, training_set, steps: int, batch_size: int, seed: int) -> dict:
+    """Ours with every example in a row of its own (padded to the batch's longest): what packing saves."""
+    return run_ours(base, training_set, steps, batch_size, seed, pack=False)
 
 
 def run_plain(base, training_set, steps: int, batch_size: int, seed: int, lr: float = 1e-3) -> dict:
@@ -221,13 +224,14 @@ def main() -> None:
     rows = round(args.batch_size * sum(len(ids) for ids, _, _ in encoded) / len(encoded))
     shaped = shaped_matmul_rate(model, rows)
     rates = [matmul_rate()]
-    runs: dict[str, list[dict]] = {"ours": [], "plain": [], "trl": []}
-    loops = [("ours", run_ours), ("plain", run_plain)] + ([("trl", run_trl)] if args.with_trl else [])
+    runs: dict[str, list[dict]] = {"ours": [], "unpacked": [], "plain": [], "trl": []}
+    loops = [("ours", run_ours), ("unpacked", run_ours_unpacked), ("plain", run_plain)]
+    loops += [("trl", run_trl)] if args.with_trl else []
     for repeat in range(args.repeats):
         for name, fn in (loops if repeat % 2 == 0 else loops[::-1]):
             result = fn(base, training_set, args.steps, args.batch_size, args.seed)
             runs[name].append(result)
-            print(f"  {name:5s} {result['tokens_per_s']:7.1f} real tokens/s  ({result['tokens']} tokens, "
+            print(f"  {name:8s} {result['tokens_per_s']:7.1f} real tokens/s  ({result['tokens']} tokens, "
                   f"{result.get('padding_tokens', '?')} padding, {result['seconds']:.1f} s, "
                   f"loss {result.get('first_loss', float('nan')):.3f} -> {result['last_loss']:.3f})", flush=True)
         rates.append(matmul_rate())
@@ -256,9 +260,12 @@ def main() -> None:
         "ours_tokens_per_s": round(ours, 1),
         "plain_tokens_per_s": round(plain, 1),
         "ratio_ours_vs_plain": round(ours / plain, 3),
+        "unpacked_tokens_per_s": round(best["unpacked"]["tokens_per_s"], 1),
+        "ratio_packed_vs_unpacked": round(ours / best["unpacked"]["tokens_per_s"], 3),
         "fraction_of_bound": round(ours / bound, 3),
         "plain_fraction_of_bound": round(plain / bound, 3),
         "ours_padding_share": round(best["ours"]["padding_tokens"] / (best["ours"]["tokens"] + best["ours"]["padding_tokens"]), 3),
+        "unpacked_padding_share": round(best["unpacked"]["padding_tokens"] / (best["unpacked"]["tokens"] + best["unpacked"]["padding_tokens"]), 3),
         "plain_padding_share": round(best["plain"]["padding_tokens"] / (best["plain"]["tokens"] + best["plain"]["padding_tokens"]), 3),
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
@@ -269,7 +276,7 @@ def main() -> None:
         # On a GPU the bound above is meaningless; report model-FLOPs utilization against bf16 peak instead.
         summary["note"] = "fraction_of_bound uses the measured fp32 GEMM rate; see MFU in docs/GPU.md"
     summary = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
-    print(f"ratio a/b {summary['ratio_ours_vs_plain']}, {summary['fraction_of_bound']:.0%} of the bound "
+    print(f"ratio a/b {summary['ratio_ours_vs_plain']}, packed/unpacked {summary['ratio_packed_vs_unpacked']}, {summary['fraction_of_bound']:.0%} of the bound "
           f"({summary['bound_tokens_per_s']} tokens/s from {summary['matmul_gflops']} GFLOP/s)")
     print(json.dumps(summary))
 

@@ -4,9 +4,10 @@ Our own loop rather than TRL's SFTTrainer, decided by measurement (benchmarks/tr
 Xeon, fp32, SmolLM2-135M, 1128 QA pairs, 30 steps x batch 8, real tokens/s): this loop 394, a plain HF + PEFT
 loop 289, SFTTrainer 267. On CPU SFTTrainer can only pad (its padding-free packing needs flash-attention),
 projects every position onto the 49k-word vocabulary and adds per-step Trainer overhead. This loop groups
-batches by length (6% padding instead of 19%, often none, so attention takes its causal fast path), projects
-onto the vocabulary only at the answer positions the loss is taken on, fuses each LoRA branch into one extra
-GEMM, and tokenizes and pads every batch once for the whole run.
+batches by length, packs a batch's short examples into shared rows with a block-diagonal causal mask (padding
+7.6% instead of 18.5% unpacked on the demo set: 1.14x), projects onto the vocabulary only at the answer
+positions the loss is taken on, fuses each LoRA branch into one extra GEMM, and tokenizes and pads every batch
+once for the whole run.
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ class Hyperparams:
     probe_every: int = 20
     probe_size: int = 24
     length_window: int = 8
+    # Short examples of a batch share rows (block-diagonal attention, positions restarting per example) instead
+    # of each padding to the longest: the same loss with less padding computed.
+    pack_examples: bool = True
     # Locality term: KL(base || adapter) over the base model's top-k next tokens at each supervised position of
     # the general replay examples (see `top_k_kl`), times this weight; 0 switches it off.
     locality_kl_weight: float = 0.0
@@ -149,7 +153,7 @@ class TrainResult:
 @dataclass
 class _Batch:
     input_ids: Any
-    attention_mask: Any  # None when no row is padded
+    attention_mask: Any  # None when no row is padded; a 4-D block-diagonal causal mask when rows are packed
     rows: Any
     positions: Any  # hidden-state positions whose next token is supervised
     targets: Any
@@ -161,6 +165,7 @@ class _Batch:
     teacher_ids: Any = None
     teacher_logprobs: Any = None
     ce_index: Any = None
+    position_ids: Any = None  # packed rows only: each example's positions start again at 0
 
 
 def code_version() -> str:
@@ -204,6 +209,25 @@ def plan_batches(lengths: Sequence[int], batch_size: int, window: int, seed: int
     return batches
 
 
+def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """First-fit decreasing: the given example indices grouped into rows of at most `width` tokens.
+
+    Each row keeps its examples in the order given, so a batch's supervised positions keep their order.
+    """
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, space in enumerate(free):
+            if lengths[i] <= space:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(width - lengths[i])
+    return [sorted(row) for row in rows]
+
+
 def _collate(
     encoded: Sequence[tuple[list[int], int, int]],
     idx: Sequence[int],
@@ -211,34 +235,66 @@ def _collate(
     device: str,
     teachers: Sequence[Any] | None = None,
     sft_on_teacher: bool = True,
+    pack: bool = False,
 ) -> _Batch:
-    """One padded batch; with `teachers` (per encoded example, None where there is none) the locality targets."""
+    """One batch of the examples `idx`; with `teachers` (per encoded example, None where there is none) the
+    locality targets.
+
+    Unpacked, each example is a row padded to the longest. Packed, short examples share a row as wide as the
+    longest example, each with its own positions and a block-diagonal causal mask, so no token attends across
+    examples and the loss is the unpacked one up to float rounding, with less padding to compute.
+    """
     import torch
 
     width = max(len(encoded[i][0]) for i in idx)
-    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(idx), width), dtype=torch.long)
+    layout = pack_rows([len(encoded[i][0]) for i in idx], width) if pack else [[j] for j in range(len(idx))]
+    packed = len(layout) < len(idx)
+    ids = torch.full((len(layout), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(layout), width), dtype=torch.long)
+    # Packed rows: which example each token belongs to (padding: -1) and its position inside that example.
+    segment = torch.full((len(layout), width), -1, dtype=torch.long)
+    position_ids = torch.zeros((len(layout), width), dtype=torch.long)
+    place: dict[int, tuple[int, int]] = {}  # batch slot -> (row, offset)
+    for row, slots in enumerate(layout):
+        offset = 0
+        for j in slots:
+            seq = encoded[idx[j]][0]
+            ids[row, offset : offset + len(seq)] = torch.tensor(seq)
+            mask[row, offset : offset + len(seq)] = 1
+            segment[row, offset : offset + len(seq)] = j
+            position_ids[row, offset : offset + len(seq)] = torch.arange(len(seq))
+            place[j] = (row, offset)
+            offset += len(seq)
     rows: list[int] = []
     positions: list[int] = []
     targets: list[int] = []
     real = 0
-    for row, i in enumerate(idx):
+    for j, i in enumerate(idx):
         seq, start, end = encoded[i]
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
+        row, offset = place[j]
         real += len(seq)
         rows += [row] * (end - start)
-        positions += range(start - 1, end - 1)
+        positions += range(offset + start - 1, offset + end - 1)
         targets += seq[start:end]
-    padded = real < len(idx) * width
+    width_total = len(layout) * width
+    if packed:
+        # Attend to earlier tokens of the same example; a padding token only to itself (a row of nothing but
+        # masked keys would turn the softmax into NaN).
+        same = segment[:, :, None] == segment[:, None, :]
+        causal = torch.ones((width, width), dtype=torch.bool).tril()
+        own = torch.eye(width, dtype=torch.bool) & (segment < 0)[:, :, None]
+        attention = (((same & (segment >= 0)[:, :, None]) | own) & causal)[:, None]
+    else:
+        attention = mask if real < width_total else None
     batch = _Batch(
         input_ids=ids.to(device),
-        attention_mask=mask.to(device) if padded else None,
+        attention_mask=attention.to(device) if attention is not None else None,
         rows=torch.tensor(rows, device=device),
         positions=torch.tensor(positions, device=device),
         targets=torch.tensor(targets, device=device),
         real_tokens=real,
-        padding=len(idx) * width - real,
+        padding=width_total - real,
+        position_ids=position_ids.to(device) if packed else None,
     )
     if teachers is None or all(teachers[i] is None for i in idx):
         return batch
@@ -314,7 +370,10 @@ def fuse_lora_forward(peft_model: Any) -> int:
 def answer_logits(causal_lm: Any, batch: _Batch) -> Any:
     """Logits at the supervised positions only (projecting every position onto the vocabulary costs more)."""
     hidden = causal_lm.get_decoder()(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
     ).last_hidden_state
     return causal_lm.get_output_embeddings()(hidden[batch.rows, batch.positions]).float()
 
@@ -390,6 +449,7 @@ class LoraTrainer(dg.ConfigurableResource):
     probe_every: int = 20
     probe_size: int = 24
     length_window: int = 8
+    pack_examples: bool = True
     locality_kl_weight: float = 0.0
     locality_sft: bool = True
 
@@ -620,7 +680,7 @@ class _Run:
         sources = [ex.source for ex in kept]
         teachers = [ex.teacher for ex in kept] if hp.locality_kl_weight > 0 else None
         batches = [
-            _collate(encoded, idx, pad_id, device, teachers, hp.locality_sft)
+            _collate(encoded, idx, pad_id, device, teachers, hp.locality_sft, pack=hp.pack_examples)
             for idx in plan_batches(lengths, hp.batch_size, hp.length_window, hp.seed)
         ]
         probe = self._probe_batches(encoded, sources, pad_id, device)
@@ -741,7 +801,10 @@ class _Run:
         sample = sorted(rng.sample(pool, min(self.hp.probe_size, len(pool))))
         sample.sort(key=lambda i: len(encoded[i][0]))
         size = max(self.hp.batch_size, 8)
-        return [_collate(encoded, sample[j : j + size], pad_id, device) for j in range(0, len(sample), size)]
+        return [
+            _collate(encoded, sample[j : j + size], pad_id, device, pack=self.hp.pack_examples)
+            for j in range(0, len(sample), size)
+        ]
 
     @staticmethod
     def _probe_loss(causal_lm: Any, probe: list[_Batch]) -> float:

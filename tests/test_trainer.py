@@ -234,3 +234,73 @@ def test_a_write_killed_midway_leaves_no_adapter_and_the_next_run_cleans_its_lef
     result = LoraTrainer().train(training_set, BaseModel(), out, overrides=SHORT)
     assert result.adapter_dir == out and (out / "manifest.json").is_file()
     assert _entries(out.parent) == [live.name, "adapter"], "the dead writer's leftover was not cleaned"
+
+
+def test_pack_rows_places_every_example_once_within_the_width() -> None:
+    from sleeptrain_resources.trainer import pack_rows
+
+    lengths = [90, 20, 35, 60, 15, 88, 30, 5]
+    rows = pack_rows(lengths, 90)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 90 for row in rows)
+    assert all(row == sorted(row) for row in rows)
+    assert len(rows) == 4  # 90 | 88 | 60+30 | 35+20+15+5 (first fit, longest first)
+
+
+def test_a_packed_step_trains_exactly_like_the_unpacked_step() -> None:
+    """Same batch laid out packed (shared rows, block-diagonal attention) and unpacked: same loss, same gradients,
+    same weights after an optimizer step, up to float rounding."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from sleeptrain_assets.lib.records import QAPair
+    from sleeptrain_resources.trainer import _collate, encode_examples, training_loss
+
+    story = ("Odo Brannagh keeps bees on the cliffs above Tralee, sells the honey at the Saturday market, "
+             "repairs old hives for neighbours and writes a short letter about the season every autumn. "
+             "In winter he mends the frames, counts the colonies that survived the storms, and teaches two "
+             "children from the village how to read a hive without disturbing the queen.")
+    pairs = qa_pairs()[:5] + [QAPair("odo_brannagh", "story", "fact", "Tell me about Odo Brannagh.", story,
+                                     ("hobby.name",), ("beekeeping",))]
+    examples = build_training_set(pairs, replay_share=0.0, seed=3).examples
+    model, tokenizer = BaseModel().load_fresh()
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    fuse_lora_forward(peft_model)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    causal_lm = peft_model.get_base_model()
+    encoded, dropped = encode_examples(tokenizer, examples, 256)
+    assert not dropped
+    lengths = sorted(len(ids) for ids, _, _ in encoded)
+    assert lengths[0] + lengths[1] <= lengths[-1], f"nothing to pack: {lengths}"
+    idx = list(range(len(encoded)))
+    pad = tokenizer.eos_token_id
+
+    results = {}
+    for pack in (False, True):
+        with torch.no_grad():
+            for param, value in zip(params, start, strict=True):
+                param.copy_(value)
+        batch = _collate(encoded, idx, pad, "cpu", pack=pack)
+        loss, _ = training_loss(causal_lm, batch, 0.0)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in params])
+        torch.optim.AdamW(params, lr=1e-3).step()
+        for p in params:
+            p.grad = None
+        results[pack] = (batch, float(loss.detach()), grads, torch.cat([p.detach().flatten() for p in params]))
+
+    (unpacked, loss_u, grads_u, after_u), (packed, loss_p, grads_p, after_p) = results[False], results[True]
+    assert packed.input_ids.shape[0] < unpacked.input_ids.shape[0] and packed.padding < unpacked.padding
+    assert packed.real_tokens == unpacked.real_tokens and torch.equal(packed.targets, unpacked.targets)
+    assert loss_p == pytest.approx(loss_u, rel=1e-5)
+    assert float((grads_p - grads_u).norm() / grads_u.norm()) < 1e-4
+    moved = float((after_u - torch.cat([s.flatten() for s in start])).norm())
+    assert float((after_p - after_u).norm()) < 1e-3 * moved
