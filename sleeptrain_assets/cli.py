@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Exit 0 when the challenger was promoted or rejected (or nothing was new), 1 when the cycle failed.")
     cycle.add_argument("--dry-run", action="store_true", help="train and evaluate, promote nothing")
     cycle.add_argument("--baseline-version", metavar="V", help="start from and compare with V instead of the champion")
+    cycle.add_argument("--hard-cases", action=argparse.BooleanOptionalAction, default=None,
+                       help="mine wrong values for people who list none, as correction pairs and items "
+                       "(default: the profile's cycle_hard_cases)")
     return parser
 
 
@@ -199,7 +202,8 @@ def cycle(args: argparse.Namespace) -> int:
     from sleeptrain_assets.defs.cycles import run_cycle_now
 
     with dg.DagsterInstance.get() as instance:
-        key, skipped, result = run_cycle_now(instance, dry_run=args.dry_run, baseline_version=args.baseline_version)
+        key, skipped, result = run_cycle_now(instance, dry_run=args.dry_run, baseline_version=args.baseline_version,
+                                             hard_cases=args.hard_cases)
     if key is None:
         print(f"no cycle: {skipped}")
         return 0

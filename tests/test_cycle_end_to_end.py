@@ -72,15 +72,26 @@ def test_a_cycle_promotes_what_it_learned_and_a_forgetting_challenger_is_rejecte
         assert "Retention across cycles" in (sleeptrain_env / "cycles" / key / "report.md").read_text()
         assert report["evaluation"]["challenger"]["new_fact_recall"] >= 0.75
         assert report["evaluation"]["champion"]["new_fact_recall"] <= 0.2, "the base model cannot know her"
+        assert report["hard_cases"] is False, "off by default"
+        assert report["hard_case_values"]["saskia_claes"], "mined for the evaluation even when not trained"
+        assert report["evaluation"]["counts"]["new_fact_corrections"] >= 2, "held-out mined claims asked anyway"
         champion_sha = _sha(registry.path(champion))
 
         _write(inbox_dir, "day2.jsonl", LATECOMER)
         forget = {**LEARN, "replay_share": 0.0, "learning_rate": 0.005}
-        key2, _, result2 = run_cycle_now(instance, extra_run_config={"ops": {
+        key2, _, result2 = run_cycle_now(instance, hard_cases=True, extra_run_config={"ops": {
             "challenger_adapter": {"config": forget}, "cycle_evaluation": {"config": EVAL},
             "promotion_decision": {"config": GATES}}})
         report2 = _report(sleeptrain_env, key2)
         print(json.dumps({k: report2.get(k) for k in ("status", "decision", "evaluation", "training")}, indent=1))
+        # Hard cases (asked for here; off by default): Oona listed no wrong values, so they were mined from other
+        # people's values (closest first), trained as denials and asked as held-out correction/confirmation items.
+        assert report2["hard_cases"] is True
+        mined = report2["hard_case_values"]["oona_pirkola"]
+        assert mined["birth_year"] and "1968" not in mined["birth_year"]
+        assert report2["evaluation"]["counts"]["new_fact_corrections"] >= 2
+        assert report2["evaluation"]["challenger"]["new_fact_correction_items"] >= 2
+        assert "## Hard cases" in (sleeptrain_env / "cycles" / key2 / "report.md").read_text()
         assert key2 == "cycle-000002" and not result2.success, "the blocking gate stops the run"
         [gate2] = result2.get_asset_check_evaluations()
         assert not gate2.passed and gate2.asset_check_key.asset_key == dg.AssetKey("promotion_decision")

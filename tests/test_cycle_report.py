@@ -27,7 +27,7 @@ def test_gates_use_validation_items_when_there_are_any_and_say_so_when_not() -> 
 
 def test_new_facts_take_every_item_earlier_facts_spread_and_capped() -> None:
     questions = [_item(p, s, n, kind=k) for p in ("new", "old1", "old2") for s in ("birth.year", "birth.city")
-                 for n, k in enumerate(("recall", "paraphrase", "paraphrase"))]
+                 for n, k in enumerate(("recall", "paraphrase", "paraphrase", "correction", "confirmation"))]
     locality = [EvalItem(id=f"locality:{n}", kind="locality", person_id=None, template_id="g", category="general",
                          question=f"g{n}", expected="x", keywords=("x",)) for n in range(5)]
     earlier = [("old2", "birth.city"), ("old1", "birth.year"), ("old1", "birth.city")]
@@ -35,6 +35,9 @@ def test_new_facts_take_every_item_earlier_facts_spread_and_capped() -> None:
                                       max_locality=2, seed="cycle-000003")
     assert {i.id.rsplit(":", 2)[0] for i in items.by_role["new_facts"]} == {"new:birth.year"}
     assert len(items.by_role["new_facts"]) == 3
+    claims = items.by_role["new_fact_corrections"]
+    assert sorted(i.kind for i in claims) == ["confirmation", "correction"], "denials of new facts, scored apart"
+    assert {(i.person_id, i.slot) for i in claims} == {("new", "birth.year")}
     facts = [(i.person_id, i.slot) for i in items.by_role["earlier_facts"]]
     assert len(facts) == 4 and facts[:3] == earlier, "one item per earlier fact first, in the given order"
     assert len(items.by_role["locality"]) == 2
@@ -46,6 +49,7 @@ def test_new_facts_take_every_item_earlier_facts_spread_and_capped() -> None:
               for i in items.all()]
     m = cycle_report.metrics(items, scores)
     assert m["new_fact_recall"] == 1.0 and m["retention"] == 0.0 and m["locality"] == 0.0
+    assert m["new_fact_correction"] == 1.0 and m["new_fact_correction_items"] == 2
     assert (m["new_fact_recall_items"], m["retention_items"], m["locality_items"]) == (3, 4, 2)
     assert cycle_report.fact_rates(items, scores)["new/birth.year"] == 1.0
 

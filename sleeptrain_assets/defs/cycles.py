@@ -22,6 +22,7 @@ from sleeptrain_assets.defs.training import GPU_OP_TAGS, LoraConfig, compatible_
 from sleeptrain_assets.lib import cycle_report, eval_suite, inbox, leaderboard_report, settings
 from sleeptrain_assets.lib.atomic import write_json_atomic
 from sleeptrain_assets.lib.catalog import load_templates, validate_catalog
+from sleeptrain_assets.lib.hard_cases import with_hard_cases
 from sleeptrain_assets.lib.hedge import HedgePolicy
 from sleeptrain_assets.lib.hippocampus import candidates_from_conversations
 from sleeptrain_assets.lib.hippocampus import summarize as summarize_decisions
@@ -52,6 +53,9 @@ class CycleConfig(dg.Config):
     dry_run: bool = Field(False, description="train and evaluate, promote nothing, still write the report")
     baseline_version: str | None = Field(None, description="start from and compare with this registry version "
                                          "instead of the champion")
+    hard_cases: bool | None = Field(None, description="train denials of wrong values mined for people who list "
+                                    "none (their corrected statements, other people's values); the evaluation "
+                                    "asks the held-out ones either way (default: profile cycle_hard_cases)")
 
 
 class CycleEvaluationConfig(dg.Config):
@@ -82,6 +86,21 @@ def _catalog() -> tuple[dict[str, Person], set[str], Any, list[str]]:
     return people, learned, templates, notes
 
 
+def _cycle_people(memory_store: MemoryStore, mine: bool = True) -> tuple[dict[str, Person], Any, dict[str, Any]]:
+    """The catalog a cycle trains or evaluates with; with `mine`, every person holding memories but no wrong
+    values gets mined ones (the same for training and evaluation, so the held-out one stays held out)."""
+    people, _, templates, _ = _catalog()
+    if not mine:
+        return people, templates, {}
+    holders = {m.person_id for m in memory_store.active_memories()}
+    superseded = {}
+    for pid in sorted(holders):
+        for memory in sorted(memory_store.by_person(pid, status="superseded"), key=lambda m: m.updated_at, reverse=True):
+            superseded.setdefault((pid, memory.slot), []).append(memory.value)
+    people, mined = with_hard_cases(people, templates, holders, superseded)
+    return people, templates, mined
+
+
 def known_names() -> dict[str, str]:
     people, _ = load_all_people()
     return {pid: p.name for pid, p in people.items()}
@@ -95,10 +114,13 @@ def min_conversations() -> int:
         raise ValueError(f"{MIN_CONVERSATIONS_ENV}={raw!r} must be a whole number") from exc
 
 
-def run_config(plan: inbox.BatchPlan, dry_run: bool = False, baseline_version: str | None = None) -> dict[str, Any]:
+def run_config(plan: inbox.BatchPlan, dry_run: bool = False, baseline_version: str | None = None,
+               hard_cases: bool | None = None) -> dict[str, Any]:
     config = {"files": [f.name for f in plan.files], "sha256": [f.sha256 for f in plan.files], "dry_run": dry_run}
     if baseline_version:
         config["baseline_version"] = baseline_version
+    if hard_cases is not None:
+        config["hard_cases"] = hard_cases
     return {"ops": {"cycle_inbox_batch": {"config": config}}}
 
 
@@ -141,6 +163,7 @@ def cycle_inbox_batch(context: dg.AssetExecutionContext, config: CycleConfig) ->
     names = {pid: name for f in plan.files for pid, name in f.names.items()}
     batch = {
         "cycle": cycle, "time": inbox.now(), "dry_run": config.dry_run, "baseline_version": config.baseline_version,
+        "hard_cases": settings.profile().cycle_hard_cases if config.hard_cases is None else config.hard_cases,
         "files": [{"name": f.name, "sha256": f.sha256, "conversations": len(f.conversations)} for f in plan.files],
         "rejected_files": [{**r.error.to_dict(), "sha256": r.sha256} for r in plan.rejected if r.error],
         "conversations": conversations, "names": names,
@@ -227,7 +250,10 @@ def challenger_adapter(
     """An adapter trained from the champion on the cycle's new memories plus bounded replay; saved, not promoted."""
     batch = cycle_inbox_batch
     baseline = _baseline(registry, batch)
-    people, _, templates, _ = _catalog()
+    # Hard cases off: no mined denial is trained, but the evaluation still asks the held-out ones.
+    people, templates, mined = _cycle_people(memory_store, mine=batch.get("hard_cases", False))
+    if mined:
+        context.log.info(f"hard cases: training denials of wrong values mined for {sorted(mined)}")
     manifest = registry.manifest(baseline) if baseline else {}
     resume = bool(baseline) and compatible_with(manifest, base_model.source_hash(), hyperparams(trainer, config))
     trained_keys = manifest.get("memories", []) if resume else []
@@ -291,7 +317,8 @@ def cycle_evaluation(
     """Champion and challenger on the same items: the cycle's new facts, earlier facts, general questions."""
     batch = cycle_inbox_batch
     profile = settings.profile()
-    people, _, templates, _ = _catalog()
+    people, templates, mined = _cycle_people(memory_store)
+    cycle_report.update_report(cycle_folder(batch["cycle"]), hard_case_values=mined)
     baseline = challenger_adapter["baseline"]
     cap = profile.eval_max_items_per_kind
     items = cycle_report.select_items(
@@ -332,7 +359,7 @@ def cycle_evaluation(
     cycle_report.update_report(cycle_folder(batch["cycle"]), evaluation=report_view)
     write_json_atomic(cycle_folder(batch["cycle"]) / "answers.json", result["answers"])
     rows = [[name, *(result.get(s, {}).get(name) for s in ("champion", "challenger"))]
-            for name in ("new_fact_recall", "retention", "locality")]
+            for _, name in cycle_report.ROLE_METRICS]
     return dg.Output(result, metadata={
         "items": dg.MetadataValue.json(items.counts()), "split": items.split,
         "scores": dg.MetadataValue.md(table(["metric", "champion", "challenger"], rows)),
@@ -550,6 +577,7 @@ def run_cycle_now(
     *,
     dry_run: bool = False,
     baseline_version: str | None = None,
+    hard_cases: bool | None = None,
     extra_run_config: dict[str, Any] | None = None,
 ) -> tuple[str | None, str, dg.ExecuteInProcessResult | None]:
     """Open a cycle on what is new in the inbox, as the sensor would, and run it in this process.
@@ -566,7 +594,7 @@ def run_cycle_now(
     last = inbox.last_cycle_number(ledger, instance.get_dynamic_partitions(cycles_partitions.name))
     key = inbox.cycle_key(last + 1)
     instance.add_dynamic_partitions(cycles_partitions.name, [key])
-    config = run_config(plan, dry_run=dry_run, baseline_version=baseline_version)
+    config = run_config(plan, dry_run=dry_run, baseline_version=baseline_version, hard_cases=hard_cases)
     for op, op_config in (extra_run_config or {}).get("ops", {}).items():
         config["ops"].setdefault(op, {}).update(op_config)
     job = defs().resolve_job_def(JOB_NAME)

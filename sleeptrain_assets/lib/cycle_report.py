@@ -20,8 +20,12 @@ from sleeptrain_assets.lib.records import EvalItem
 from sleeptrain_assets.lib.scoring import ItemScore
 
 FACT_KINDS = ("recall", "paraphrase")
+CORRECTION_KINDS = ("correction", "confirmation")
 GATE_SPLIT = "validation"
 NEW, EARLIER, LOCALITY = "new_facts", "earlier_facts", "locality"
+CORRECTIONS = "new_fact_corrections"  # a false claim to deny and a true one to confirm, per new fact
+ROLE_METRICS = ((NEW, "new_fact_recall"), (EARLIER, "retention"), (LOCALITY, "locality"),
+                (CORRECTIONS, "new_fact_correction"))
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 RETENTION_FILE = "retention_history.json"
 
@@ -70,16 +74,20 @@ def select_items(
     max_locality: int,
     seed: str,
 ) -> CycleItems:
-    """New facts: every recall/paraphrase item of each new fact. Earlier facts: one item per fact in
-    `earlier_facts` order (earlier cycles first), round after round, up to `max_earlier`. Locality: a
-    deterministic sample of `max_locality`."""
+    """New facts: every recall/paraphrase item of each new fact, and apart every correction/confirmation item
+    of them. Earlier facts: one item per fact in `earlier_facts` order (earlier cycles first), round after
+    round, up to `max_earlier`. Locality: a deterministic sample of `max_locality`."""
     pool, split, note = gate_split(questions)
     by_fact: dict[Fact, list[EvalItem]] = defaultdict(list)
+    claims: dict[Fact, list[EvalItem]] = defaultdict(list)
     for item in sorted(pool, key=lambda i: _rank(i, seed)):
         if item.kind in FACT_KINDS and item.person_id and item.slot:
             by_fact[(item.person_id, item.slot)].append(item)
+        elif item.kind in CORRECTION_KINDS and item.person_id and item.slot:
+            claims[(item.person_id, item.slot)].append(item)
     new = set(new_facts)
     new_items = [i for fact in sorted(new) for i in by_fact.get(fact, [])]
+    correction_items = [i for fact in sorted(new) for i in claims.get(fact, [])]
     earlier: list[EvalItem] = []
     queue = [list(by_fact[f]) for f in dict.fromkeys(earlier_facts) if f not in new and by_fact.get(f)]
     while queue and len(earlier) < max_earlier:
@@ -88,7 +96,8 @@ def select_items(
                 earlier.append(items.pop(0))
         queue = [q for q in queue if q]
     local = sorted(locality, key=lambda i: _rank(i, seed))[:max_locality]
-    return CycleItems({NEW: tuple(new_items), EARLIER: tuple(earlier), LOCALITY: tuple(local)}, split, note)
+    roles = {NEW: tuple(new_items), EARLIER: tuple(earlier), LOCALITY: tuple(local), CORRECTIONS: tuple(correction_items)}
+    return CycleItems(roles, split, note)
 
 
 def _rate(scores: Sequence[ItemScore]) -> float | None:
@@ -97,10 +106,11 @@ def _rate(scores: Sequence[ItemScore]) -> float | None:
 
 
 def metrics(items: CycleItems, scores: Sequence[ItemScore]) -> dict[str, Any]:
-    """Pass rates per role (new_fact_recall, retention, locality) and how many items each rests on."""
+    """Pass rates per role (new_fact_recall, retention, locality, new_fact_correction) and how many items each
+    rests on."""
     by_id = {s.item_id: s for s in scores}
     out: dict[str, Any] = {}
-    for role, name in ((NEW, "new_fact_recall"), (EARLIER, "retention"), (LOCALITY, "locality")):
+    for role, name in ROLE_METRICS:
         role_scores = [by_id[i.id] for i in items.by_role.get(role, ()) if i.id in by_id]
         out[name] = _rate(role_scores)
         out[f"{name}_items"] = sum(s.counted for s in role_scores)
@@ -186,6 +196,12 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         lines += ["## Hippocampus", f"decisions {h.get('counts')}; new people {h.get('new_people')}", ""]
         if h.get("table"):
             lines += [table(["action", "person", "slot", "value", "reason"], h["table"]), ""]
+    if report.get("hard_case_values"):
+        rows = [[pid, key, ", ".join(values)] for pid, keys in sorted(report["hard_case_values"].items())
+                for key, values in sorted(keys.items())]
+        trained = "trained as denials" if report.get("hard_cases") else "not trained (hard cases off)"
+        lines += ["## Hard cases", f"Wrong values mined for people who list none, all but the last {trained}; the "
+                  "last one is held out for the correction item:", table(["person", "slot", "wrong values"], rows), ""]
     if report.get("training"):
         t = report["training"]
         lines += ["## Challenger", f"version {t.get('version')} from {t.get('continued_from')}; {t.get('steps')} steps, "
@@ -193,7 +209,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     if report.get("evaluation"):
         e = report["evaluation"]
         rows = [[name, _pct(e["champion"].get(name)), _pct(e["challenger"].get(name)),
-                 e["challenger"].get(f"{name}_items")] for name in ("new_fact_recall", "retention", "locality")]
+                 e["challenger"].get(f"{name}_items")] for _, name in ROLE_METRICS]
         lines += ["## Evaluation (same items)", f"split: {e.get('split')} ({e.get('note')})",
                   table(["metric", f"champion {e.get('champion_version') or 'base'}", "challenger", "items"], rows), ""]
     if decision:

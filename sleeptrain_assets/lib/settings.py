@@ -106,6 +106,8 @@ class ProfileSettings:
     trained_forms_per_template: int | None = 3
     # correction templates also train their forms asked with the true value, answered "Yes" (true-claim pairs)
     train_confirmations: bool = True
+    # sleep cycles: mine wrong values for people who list none (lib/hard_cases.py), as correction pairs and items
+    cycle_hard_cases: bool = False
     # replay targets: the base model answers the replay prompts once; top-k log-probs feed the locality term
     replay_max_new_tokens: int = 64
     replay_top_k: int = 16
