@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cycle_latency import REPO, people  # noqa: E402  (sets the offline environment too)
+from cycle_latency import REPO, fresh_workspace, people  # noqa: E402  (sets the offline environment too)
 
 METRICS = ("new_fact_recall", "new_fact_correction", "locality")
 
@@ -34,19 +34,12 @@ def run_setting(hard_cases: bool, records: list[dict], profile: str, shared_cach
 
     with tempfile.TemporaryDirectory(prefix="cycle-hard-cases-") as tmp:
         root = Path(tmp)
-        data = root / "data"
-        (data / "inbox").mkdir(parents=True)
-        for sub in ("people", "templates", "benchmarks"):
-            (data / sub).symlink_to(REPO / "data" / sub)
+        data = fresh_workspace(root, profile)
         (root / "home" / "cache").mkdir(parents=True)
         # Replay targets and base answers do not depend on the setting: computed once, shared by both runs.
         for sub in ("replay_targets", "base_answers"):
             (shared_cache / sub).mkdir(parents=True, exist_ok=True)
             (root / "home" / "cache" / sub).symlink_to(shared_cache / sub)
-        (root / "dagster").mkdir()
-        os.environ.update(SLEEPTRAIN_HOME=str(root / "home"), SLEEPTRAIN_DATA_DIR=str(data),
-                          DAGSTER_HOME=str(root / "dagster"), SLEEPTRAIN_PROFILE=profile,
-                          SLEEPTRAIN_TRACKING="disabled")
         (data / "inbox" / "day1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         start = time.perf_counter()
         with dg.DagsterInstance.get() as instance:

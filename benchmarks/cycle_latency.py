@@ -65,18 +65,24 @@ def one_cycle(inbox: Path, name: str, records: list[dict], run_config: dict | No
     return seconds, report.get("status", skipped)
 
 
+def fresh_workspace(root: Path, profile: str) -> Path:
+    """A data folder (the repo's people, templates and benchmarks; an empty inbox), SLEEPTRAIN_HOME and
+    DAGSTER_HOME under `root`, set in the environment; returns the data folder."""
+    data = root / "data"
+    (data / "inbox").mkdir(parents=True)
+    for sub in ("people", "templates", "benchmarks"):
+        (data / sub).symlink_to(REPO / "data" / sub)
+    (root / "dagster").mkdir()
+    (root / "home").mkdir(exist_ok=True)
+    os.environ.update(SLEEPTRAIN_HOME=str(root / "home"), SLEEPTRAIN_DATA_DIR=str(data),
+                      DAGSTER_HOME=str(root / "dagster"), SLEEPTRAIN_PROFILE=profile, SLEEPTRAIN_TRACKING="disabled")
+    return data
+
+
 def measure(n: int, history: int, profile: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="cycle-latency-") as tmp:
         root = Path(tmp)
-        data = root / "data"
-        data.mkdir()
-        for sub in ("people", "templates", "benchmarks"):
-            (data / sub).symlink_to(REPO / "data" / sub)
-        (data / "inbox").mkdir()
-        (root / "dagster").mkdir()
-        os.environ.update(SLEEPTRAIN_HOME=str(root / "home"), SLEEPTRAIN_DATA_DIR=str(data),
-                          DAGSTER_HOME=str(root / "dagster"), SLEEPTRAIN_PROFILE=profile,
-                          SLEEPTRAIN_TRACKING="disabled")
+        data = fresh_workspace(root, profile)
         warmup, warm_status = one_cycle(data / "inbox", "history.jsonl", people(history * n, f"h{history}x{n}"),
                                         ACCEPT_HISTORY)
         seconds, status = one_cycle(data / "inbox", "new.jsonl", people(n, f"n{n}"))

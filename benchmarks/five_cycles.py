@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cycle_latency import REPO, people  # noqa: E402  (sets the offline environment too)
+from cycle_latency import REPO, fresh_workspace, people  # noqa: E402  (sets the offline environment too)
 
 FACT_KINDS = ("recall", "paraphrase")
 
@@ -93,15 +93,7 @@ def main() -> None:
 
     rows, cohorts = [], []
     with tempfile.TemporaryDirectory(prefix="five-cycles-") as tmp:
-        root = Path(tmp)
-        data = root / "data"
-        (data / "inbox").mkdir(parents=True)
-        for sub in ("people", "templates", "benchmarks"):
-            (data / sub).symlink_to(REPO / "data" / sub)
-        (root / "dagster").mkdir()
-        os.environ.update(SLEEPTRAIN_HOME=str(root / "home"), SLEEPTRAIN_DATA_DIR=str(data),
-                          DAGSTER_HOME=str(root / "dagster"), SLEEPTRAIN_PROFILE=args.profile,
-                          SLEEPTRAIN_TRACKING="disabled")
+        data = fresh_workspace(Path(tmp), args.profile)
         for number in range(1, args.cycles + 1):
             records = people(args.people, f"c{number}")
             (data / "inbox" / f"day{number}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
