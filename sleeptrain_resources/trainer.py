@@ -679,11 +679,14 @@ class _Run:
         kept = [ex for i, ex in enumerate(self.examples) if i not in dropped_set]
         sources = [ex.source for ex in kept]
         teachers = [ex.teacher for ex in kept] if hp.locality_kl_weight > 0 else None
+        # The block-diagonal mask is a boolean 4-D mask, which PyTorch's SDPA reads as such; eager attention would
+        # add it to the scores and flash-attention ignores it, so other attention kernels train unpacked.
+        pack = hp.pack_examples and getattr(causal_lm.config, "_attn_implementation", None) == "sdpa"
         batches = [
-            _collate(encoded, idx, pad_id, device, teachers, hp.locality_sft, pack=hp.pack_examples)
+            _collate(encoded, idx, pad_id, device, teachers, hp.locality_sft, pack=pack)
             for idx in plan_batches(lengths, hp.batch_size, hp.length_window, hp.seed)
         ]
-        probe = self._probe_batches(encoded, sources, pad_id, device)
+        probe = self._probe_batches(encoded, sources, pad_id, device, pack)
 
         params = [p for p in peft_model.parameters() if p.requires_grad]
         trainable = sum(p.numel() for p in params)
@@ -783,6 +786,7 @@ class _Run:
             "trainable_params": trainable,
             "total_params": total,
             "dropped_too_long": len(dropped),
+            "packed": pack,
             "locality_kl_batches": len(kl_values),
             "locality_kl_first": round(sum(kl_values[:5]) / len(kl_values[:5]), 5) if kl_values else None,
             "locality_kl_last": round(sum(kl_values[-5:]) / len(kl_values[-5:]), 5) if kl_values else None,
@@ -791,7 +795,7 @@ class _Run:
         }
 
     def _probe_batches(
-        self, encoded: list[tuple[list[int], int, int]], sources: list[str], pad_id: int, device: str
+        self, encoded: list[tuple[list[int], int, int]], sources: list[str], pad_id: int, device: str, pack: bool
     ) -> list[_Batch]:
         """A fixed held-in sample of new-fact examples whose loss decides early stopping."""
         if self.hp.early_stop_patience <= 0 or self.hp.probe_size <= 0:
@@ -802,7 +806,7 @@ class _Run:
         sample.sort(key=lambda i: len(encoded[i][0]))
         size = max(self.hp.batch_size, 8)
         return [
-            _collate(encoded, sample[j : j + size], pad_id, device, pack=self.hp.pack_examples)
+            _collate(encoded, sample[j : j + size], pad_id, device, pack=pack)
             for j in range(0, len(sample), size)
         ]
 

@@ -52,6 +52,7 @@ def test_tiny_run_writes_a_loadable_adapter_whose_loss_fell(trained, training_se
     assert len(manifest["base_model"]["sha256"]) == 64
     assert manifest["training_data"]["sha256"] == training_set.data_hash
     assert manifest["hyperparameters"]["max_steps"] == 8 and manifest["code_version"]
+    assert manifest["metrics"]["packed"] is True, "SmolLM2 runs SDPA attention, which takes the packed mask"
     assert manifest["adapter_sha256"] == trained.adapter_sha256
     assert trained.steps == 8 and len(trained.loss_curve) == 8
     assert trained.tokens > trained.answer_tokens > 0 and trained.tokens_per_s > 0
