@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cycle_latency import REPO, fresh_workspace, people  # noqa: E402  (sets the offline environment too)
+from cycle_latency import REPO, fmt, fresh_workspace, people, rate  # noqa: E402  (sets the offline environment too)
 
 METRICS = ("new_fact_recall", "new_fact_correction", "locality")
 
@@ -55,24 +55,9 @@ def run_setting(hard_cases: bool, records: list[dict], profile: str, shared_cach
            "mined": report.get("hard_case_values", {})}
     for system in ("champion", "challenger"):
         scores = evaluation.get(system) or {}
-        row[system] = {m: _rate(scores.get(m), scores.get(f"{m}_items")) for m in METRICS}
+        row[system] = {m: rate(round((scores.get(m) or 0) * (scores.get(f"{m}_items") or 0)),
+                               scores.get(f"{m}_items") or 0) for m in METRICS}
     return row
-
-
-def _rate(rate: float | None, n: int | None) -> dict:
-    from sleeptrain_assets.lib.stats import wilson_interval
-
-    if rate is None or not n:
-        return {"rate": None, "n": n or 0}
-    passed = round(rate * n)
-    low, high = wilson_interval(passed, n) or (None, None)
-    return {"rate": rate, "passed": passed, "n": n, "ci95": [round(low, 3), round(high, 3)]}
-
-
-def _fmt(cell: dict) -> str:
-    if cell.get("rate") is None:
-        return "n/a"
-    return f"{cell['rate']:.0%} ({cell['passed']}/{cell['n']}, {cell['ci95'][0]:.0%}-{cell['ci95'][1]:.0%})"
 
 
 def main() -> None:
@@ -90,9 +75,9 @@ def main() -> None:
             rows.append(row)
             c = row["challenger"]
             print(f"hard cases {'on ' if hard_cases else 'off'}: {row['status']}, {row['cycle_s']} s, "
-                  f"{row['training_steps']} steps; challenger recall {_fmt(c['new_fact_recall'])}, correction "
-                  f"{_fmt(c['new_fact_correction'])}, locality {_fmt(c['locality'])}; base correction "
-                  f"{_fmt(row['champion']['new_fact_correction'])}", flush=True)
+                  f"{row['training_steps']} steps; challenger recall {fmt(c['new_fact_recall'], True)}, correction "
+                  f"{fmt(c['new_fact_correction'], True)}, locality {fmt(c['locality'], True)}; base correction "
+                  f"{fmt(row['champion']['new_fact_correction'], True)}", flush=True)
     print(json.dumps({"profile": args.profile, "people": args.people, "rows": rows}))
 
 

@@ -65,6 +65,23 @@ def one_cycle(inbox: Path, name: str, records: list[dict], run_config: dict | No
     return seconds, report.get("status", skipped)
 
 
+def rate(passed: int, n: int) -> dict:
+    """A pass rate with n and its 95% Wilson interval, as the cycle benchmarks print and store it."""
+    from sleeptrain_assets.lib.stats import wilson_interval
+
+    if not n:
+        return {"rate": None, "passed": 0, "n": 0}
+    low, high = wilson_interval(passed, n)
+    return {"rate": round(passed / n, 4), "passed": passed, "n": n, "ci95": [round(low, 3), round(high, 3)]}
+
+
+def fmt(cell: dict | None, interval: bool = False) -> str:
+    if not cell or cell.get("rate") is None:
+        return "n/a"
+    ci = f", {cell['ci95'][0]:.0%}-{cell['ci95'][1]:.0%}" if interval else ""
+    return f"{cell['rate']:.0%} ({cell['passed']}/{cell['n']}{ci})"
+
+
 def fresh_workspace(root: Path, profile: str) -> Path:
     """A data folder (the repo's people, templates and benchmarks; an empty inbox), SLEEPTRAIN_HOME and
     DAGSTER_HOME under `root`, set in the environment; returns the data folder."""

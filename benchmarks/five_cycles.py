@@ -22,29 +22,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cycle_latency import REPO, fresh_workspace, people  # noqa: E402  (sets the offline environment too)
+from cycle_latency import REPO, fmt, fresh_workspace, people, rate  # noqa: E402  (sets the offline environment too)
 
 FACT_KINDS = ("recall", "paraphrase")
 
 
-def rate(passed: int, n: int) -> dict:
-    from sleeptrain_assets.lib.stats import wilson_interval
-
-    if not n:
-        return {"rate": None, "passed": 0, "n": 0}
-    low, high = wilson_interval(passed, n)
-    return {"rate": round(passed / n, 4), "passed": passed, "n": n, "ci95": [round(low, 3), round(high, 3)]}
-
-
-def fmt(cell: dict | None) -> str:
-    if not cell or cell.get("rate") is None:
-        return "—"
-    return f"{cell['rate']:.0%} ({cell['passed']}/{cell['n']})"
-
-
 def score_in_service(cohorts: list[set[str]]) -> dict:
     """The champion on test-split items: recall per cohort and locality."""
-    from sleeptrain_assets.defs.cycles import _catalog
+    from sleeptrain_assets.defs.cycles import _catalog, answer_and_score
     from sleeptrain_assets.lib import eval_suite, settings
     from sleeptrain_assets.lib.templating import evaluation_items
     from sleeptrain_resources.embedding import Embedder
@@ -60,16 +45,9 @@ def score_in_service(cohorts: list[set[str]]) -> dict:
     plan = eval_suite.SuitePlan(single=tuple(facts + general), groups=())
     registry = AdapterRegistry()
     champion = registry.current()
-    base_model = BaseModel()
-    answers = {}
-    for system, adapter in (("base", None), ("champion", registry.path(champion) if champion else None)):
-        def generate(conversations, adapter=adapter):
-            return base_model.generate(conversations, adapter=adapter, max_new_tokens=settings.profile().max_new_tokens)
-        answers[system] = eval_suite.answer_plan(generate=generate, plan=plan)
-    texts = eval_suite.texts_to_embed(plan=plan, answers=answers)
-    vectors = dict(zip(texts, Embedder().embed(texts), strict=True))
-    scores = {s.item_id: s for s in eval_suite.score_plan(plan=plan, answers=answers, vectors=vectors,
-                                                          reference="base")["champion"]}
+    systems = {"base": None, "champion": registry.path(champion) if champion else None}
+    _, scored = answer_and_score(plan, systems, BaseModel(), Embedder(), settings.profile().max_new_tokens)
+    scores = {s.item_id: s for s in scored["champion"]}
     out = {"champion": champion, "cohorts": []}
     for cohort in cohorts:
         verdicts = [scores[i.id] for i in facts if i.person_id in cohort and scores[i.id].counted]

@@ -337,15 +337,7 @@ def cycle_evaluation(
     systems: dict[str, Path | None] = {"base": None, "champion": registry.path(baseline) if baseline else None}
     if challenger_adapter["trained"]:
         systems["challenger"] = Path(challenger_adapter["path"])
-    answers = {}
-    for system, adapter in systems.items():
-        def generate(conversations: list[list[dict[str, str]]], adapter: Path | None = adapter) -> list[str]:
-            return base_model.generate(conversations, adapter=adapter, max_new_tokens=profile.max_new_tokens,
-                                       batch_size=config.batch_size)
-        answers[system] = eval_suite.answer_plan(generate=generate, plan=plan)
-    texts = eval_suite.texts_to_embed(plan=plan, answers=answers)
-    vectors = dict(zip(texts, embedder.embed(texts), strict=True))
-    scores = eval_suite.score_plan(plan=plan, answers=answers, vectors=vectors, reference="base")
+    answers, scores = answer_and_score(plan, systems, base_model, embedder, profile.max_new_tokens, config.batch_size)
     result: dict[str, Any] = {"split": items.split, "note": items.note, "counts": items.counts(),
                               "champion_version": baseline, "challenger_version": challenger_adapter["version"]}
     for system in systems:
@@ -364,6 +356,27 @@ def cycle_evaluation(
         "items": dg.MetadataValue.json(items.counts()), "split": items.split,
         "scores": dg.MetadataValue.md(table(["metric", "champion", "challenger"], rows)),
     })
+
+
+def answer_and_score(
+    plan: eval_suite.SuitePlan,
+    systems: dict[str, Path | None],
+    base_model: BaseModel,
+    embedder: Embedder,
+    max_new_tokens: int,
+    batch_size: int = 32,
+) -> tuple[dict[str, dict[str, str]], dict[str, list[Any]]]:
+    """Every system (name -> adapter folder, None for the base model, which must be one of them as "base")
+    answers the plan; every answer scored with the base model as the locality reference."""
+    answers = {}
+    for system, adapter in systems.items():
+        def generate(conversations: list[list[dict[str, str]]], adapter: Path | None = adapter) -> list[str]:
+            return base_model.generate(conversations, adapter=adapter, max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size)
+        answers[system] = eval_suite.answer_plan(generate=generate, plan=plan)
+    texts = eval_suite.texts_to_embed(plan=plan, answers=answers)
+    vectors = dict(zip(texts, embedder.embed(texts), strict=True))
+    return answers, eval_suite.score_plan(plan=plan, answers=answers, vectors=vectors, reference="base")
 
 
 def _hedge_reward(batch: dict[str, Any], memories: dict[str, Any], decision: dict[str, Any]) -> dict[str, Any] | None:
