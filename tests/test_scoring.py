@@ -219,6 +219,40 @@ def test_interference_items_from_lookalikes(catalog):
         assert scoring.normalise(it.wrong_value) != scoring.normalise(it.value)
 
 
+def test_a_count_is_the_same_value_in_digits_or_words(minilm):
+    sides = item(kind="locality", person_id=None, question="How many sides does a triangle have?",
+                 expected="A triangle has three sides.", keywords=("three",), category="general")
+    base = "The answer to this classic problem is 3. A triangle has three sides."
+
+    def verdict(answer: str):
+        return scoring.score_locality(sides, answer, base, minilm(answer, sides.expected), minilm(base, sides.expected),
+                                      minilm(answer, base))
+
+    assert verdict("The answer to this classic problem is 3.").passed, "a count in digits states its word"
+    assert verdict("A triangle has 3 sides.").passed
+    for wrong in ("A triangle has 4 sides.", "A triangle has four sides.", "A triangle has 13 sides.",
+                  "A triangle has 30 sides.", "A triangle does not have 3 sides."):
+        assert not verdict(wrong).passed, wrong
+    months = item(kind="locality", person_id=None, question="How many months are there in a year?",
+                  expected="There are 12 months in a year.", keywords=("12",), category="general")
+    assert scoring.score_locality(months, "There are twelve months.", months.expected, 0.9, 0.99, 0.9).passed
+    assert not scoring.score_locality(months, "There are 120 months.", months.expected, 0.9, 0.99, 0.9).passed
+    # A competing count is stated in either spelling too.
+    assert scoring.stated_competitors(item(keywords=("three",), competing_values=("4",)), "It has four.") == ["4"]
+
+
+def test_every_shipped_expected_answer_passes_its_own_item(minilm):
+    """A keyword the item's own expected answer fails (e.g. "light" in "sunlight") would fail right answers."""
+    items = eval_suite.load_locality_items(DATA / "benchmarks" / eval_suite.GENERAL_KNOWLEDGE_FILE)
+    failing = []
+    for i in items:
+        if i.kind in ("locality", "neighbourhood"):
+            verdict = scoring.score_locality(i, i.expected, i.expected, 1.0, 1.0, 1.0)
+            if not verdict.passed:
+                failing.append((i.id, i.keywords, verdict.reason))
+    assert not failing
+
+
 def test_locality_and_probe_files_load(catalog):
     people, _ = catalog
     locality = eval_suite.load_locality_items(DATA / "benchmarks" / eval_suite.GENERAL_KNOWLEDGE_FILE)

@@ -9,6 +9,9 @@ Rules (every threshold was measured with all-MiniLM-L6-v2 on SleepTrain-style an
   Leuven campus", "Leuven Glass Museum"). A capital that only starts a sentence ("In Leuven.") is not a name
   part unless the word is an acronym ("KU"); the asked person's name is never a name part. Why: "Lena Varga
   studied at KU Leuven." passed the birth-city question on its keyword at cosine 0.83.
+- **Counts.** A count from zero to twenty, or a ten up to ninety, is one value in digits or in words: "3"
+  states "three", and a competing "4" is stated by "four". Why: a sleep-cycle challenger's right "The answer to
+  this classic problem is 3." failed "How many sides does a triangle have?" (keyword "three") and cost a gate.
 - **Asserted, not negated.** A mention counts as stated only when it is not negated ("not 1988", "never won
   the X", "rather than X", "instead of X", "X is wrong/incorrect", "X isn't right", "it is not true that ... X")
   and not inside a question ("Was she born in 1988? No."). A right value that is only negated is not given.
@@ -133,6 +136,14 @@ _COPULAS = frozenset({"is", "was", "are", "were", "be", "been", "isn", "wasn", "
 _FALSE_WORDS = frozenset({"wrong", "incorrect", "false", "untrue", "mistaken", "mistake", "inaccurate"})
 _TRUTH_WORDS = frozenset({"true", "correct", "right", "accurate", "case"})
 _NEGATION_WINDOW = 4  # tokens either side of a mention searched for a negation of it
+# A small count written in digits or in words is one value ("3" answers "three sides"); larger numbers (years,
+# distances) are compared as written.
+_NUMBER_WORDS = dict(enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split()))
+_NUMBER_WORDS.update({n: w for n, w in zip(range(30, 100, 10),
+                                            "thirty forty fifty sixty seventy eighty ninety".split(), strict=True)})
+_NUMBER_SPELLINGS = {**{str(n): w for n, w in _NUMBER_WORDS.items()}, **{w: str(n) for n, w in _NUMBER_WORDS.items()}}
 
 
 def normalise(text: str) -> str:
@@ -295,13 +306,15 @@ class Mention:
 
 
 def mentions(answer: str, phrase: str, known: Iterable[str] = (), asked: str = "") -> list[Mention]:
-    """Every occurrence of `phrase` in `answer`, judged by the own-phrase and negation rules of this module.
+    """Every occurrence of `phrase` in `answer` (a count from zero to twenty, or a ten up to ninety, in digits or
+    in words), judged by the own-phrase and negation rules of this module.
 
     `known`: other values the answer may mention (the person's other slots, competitors); an occurrence inside
     one that embeds the phrase is not its own phrase. `asked`: the prompt; its words never extend a name.
     """
     text = _text(answer)
-    spans = text.find(phrase)
+    other_spelling = _NUMBER_SPELLINGS.get(normalise(phrase))
+    spans = sorted(text.find(phrase) + (text.find(other_spelling) if other_spelling else []))
     if not spans:
         return []
     longer = [k for k in known if normalise(k) != normalise(phrase) and contains_phrase(k, phrase)]
