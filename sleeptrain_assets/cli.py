@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     cycle.add_argument("--hard-cases", action=argparse.BooleanOptionalAction, default=None,
                        help="mine wrong values for people who list none, as correction pairs and items "
                        "(default: the profile's cycle_hard_cases)")
+    cycle.add_argument("--self-training", action=argparse.BooleanOptionalAction, default=None,
+                       help="SEAL-style: also train on the model's own answers to the new facts' questions that "
+                       "the scorer passes, weighted by reward (default: the profile's cycle_self_training)")
     return parser
 
 
@@ -203,7 +206,7 @@ def cycle(args: argparse.Namespace) -> int:
 
     with dg.DagsterInstance.get() as instance:
         key, skipped, result = run_cycle_now(instance, dry_run=args.dry_run, baseline_version=args.baseline_version,
-                                             hard_cases=args.hard_cases)
+                                             hard_cases=args.hard_cases, self_training=args.self_training)
     if key is None:
         print(f"no cycle: {skipped}")
         return 0

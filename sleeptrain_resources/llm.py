@@ -309,6 +309,51 @@ class BaseModel(dg.ConfigurableResource):
                       seconds=time.perf_counter() - started)
         return [answers[p] for p in prompts]
 
+    def sample(
+        self,
+        conversations: Sequence[list[dict[str, str]]],
+        n: int,
+        adapter: str | Path | None = None,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        max_new_tokens: int = 40,
+        batch_size: int = 16,
+        seed: int = 7,
+    ) -> list[list[str]]:
+        """`n` sampled answers (temperature, nucleus) to each conversation; reproducible for a seed on one device,
+        never cached, and the global random state is left as it was."""
+        import torch
+
+        if n < 1 or not conversations:
+            return [[] for _ in conversations]
+        entry = self._entry()
+        tokenizer = entry.tokenizer
+        encoded = [
+            tokenizer(tokenizer.apply_chat_template(list(c), add_generation_prompt=True, tokenize=False),
+                      add_special_tokens=False)["input_ids"]
+            for c in conversations
+        ]
+        order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
+        pad_id = _pad_id(tokenizer)
+        stops = _stop_ids(tokenizer, entry.model)
+        out: list[list[str]] = [[] for _ in encoded]
+        cuda = [torch.device(entry.device).index or 0] if entry.device.startswith("cuda") else []
+        with (_LOCK, entry.adapter_context(adapter) as model, torch.inference_mode(),
+              torch.random.fork_rng(devices=cuda)):
+            torch.manual_seed(seed)
+            for lo in range(0, len(order), batch_size):
+                idx = order[lo : lo + batch_size]
+                ids, mask = _left_padded([encoded[i] for i in idx], pad_id, entry.device)
+                generated = model.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
+                    temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=n, pad_token_id=pad_id,
+                    eos_token_id=stops,
+                )[:, ids.shape[1] :].tolist()
+                for k, row in enumerate(generated):
+                    end = next((m for m, token in enumerate(row) if token in stops), len(row))
+                    out[idx[k // n]].append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+        return out
+
     def token_counts(self, texts: Sequence[str]) -> list[int]:
         """Tokens per text (no special tokens): how close an answer came to its generation budget."""
         tokenizer = self.tokenizer()

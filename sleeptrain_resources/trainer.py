@@ -166,6 +166,8 @@ class _Batch:
     teacher_logprobs: Any = None
     ce_index: Any = None
     position_ids: Any = None  # packed rows only: each example's positions start again at 0
+    # Per supervised position: its example's loss weight (None: every example weighs 1).
+    token_weights: Any = None
 
 
 def code_version() -> str:
@@ -236,9 +238,10 @@ def _collate(
     teachers: Sequence[Any] | None = None,
     sft_on_teacher: bool = True,
     pack: bool = False,
+    weights: Sequence[float] | None = None,
 ) -> _Batch:
     """One batch of the examples `idx`; with `teachers` (per encoded example, None where there is none) the
-    locality targets.
+    locality targets; with `weights` (per encoded example) each example's cross-entropy weight.
 
     Unpacked, each example is a row padded to the longest. Packed, short examples share a row as wide as the
     longest example, each with its own positions and a block-diagonal causal mask, so no token attends across
@@ -268,12 +271,15 @@ def _collate(
     rows: list[int] = []
     positions: list[int] = []
     targets: list[int] = []
+    token_weights: list[float] = []
     real = 0
     for j, i in enumerate(idx):
         seq, start, end = encoded[i]
         row, offset = place[j]
         real += len(seq)
         rows += [row] * (end - start)
+        if weights is not None:
+            token_weights += [float(weights[i])] * (end - start)
         positions += range(offset + start - 1, offset + end - 1)
         targets += seq[start:end]
     width_total = len(layout) * width
@@ -295,6 +301,8 @@ def _collate(
         real_tokens=real,
         padding=width_total - real,
         position_ids=position_ids.to(device) if packed else None,
+        token_weights=(torch.tensor(token_weights, dtype=torch.float32, device=device)
+                       if weights is not None and any(w != 1.0 for w in token_weights) else None),
     )
     if teachers is None or all(teachers[i] is None for i in idx):
         return batch
@@ -379,10 +387,18 @@ def answer_logits(causal_lm: Any, batch: _Batch) -> Any:
 
 
 def answer_loss(causal_lm: Any, batch: _Batch) -> Any:
-    """Mean cross-entropy over answer tokens."""
+    """Mean cross-entropy over answer tokens, each weighted by its example's weight."""
+    return weighted_cross_entropy(answer_logits(causal_lm, batch), batch.targets, batch.token_weights)
+
+
+def weighted_cross_entropy(logits: Any, targets: Any, weights: Any = None) -> Any:
+    """Mean over positions of weight x cross-entropy: reward-weighted regression when weights are rewards (a
+    position of weight 0 adds nothing; with every weight 1 it is the plain mean)."""
     import torch.nn.functional as F
 
-    return F.cross_entropy(answer_logits(causal_lm, batch), batch.targets)
+    if weights is None:
+        return F.cross_entropy(logits, targets)
+    return (F.cross_entropy(logits, targets, reduction="none") * weights).mean()
 
 
 def top_k_kl(logits: Any, teacher_ids: Any, teacher_logprobs: Any) -> Any:
@@ -406,16 +422,16 @@ def top_k_kl(logits: Any, teacher_ids: Any, teacher_logprobs: Any) -> Any:
 
 def training_loss(causal_lm: Any, batch: _Batch, kl_weight: float) -> tuple[Any, float | None]:
     """(loss, locality KL or None): cross-entropy on answer tokens plus `kl_weight` x the locality KL."""
-    import torch.nn.functional as F
-
     if batch.kl_index is None or kl_weight <= 0:
         return answer_loss(causal_lm, batch), None
     logits = answer_logits(causal_lm, batch)
     kl = top_k_kl(logits[batch.kl_index], batch.teacher_ids, batch.teacher_logprobs)
+    weights = batch.token_weights
     if batch.ce_index is None:
-        ce = F.cross_entropy(logits, batch.targets)
+        ce = weighted_cross_entropy(logits, batch.targets, weights)
     elif batch.ce_index.numel():
-        ce = F.cross_entropy(logits[batch.ce_index], batch.targets[batch.ce_index])
+        ce = weighted_cross_entropy(logits[batch.ce_index], batch.targets[batch.ce_index],
+                                    None if weights is None else weights[batch.ce_index])
     else:
         ce = kl.new_zeros(())
     return ce + kl_weight * kl, float(kl.detach())
@@ -679,11 +695,12 @@ class _Run:
         kept = [ex for i, ex in enumerate(self.examples) if i not in dropped_set]
         sources = [ex.source for ex in kept]
         teachers = [ex.teacher for ex in kept] if hp.locality_kl_weight > 0 else None
+        weights = [ex.weight for ex in kept] if any(ex.weight != 1.0 for ex in kept) else None
         # The block-diagonal mask is a boolean 4-D mask, which PyTorch's SDPA reads as such; eager attention would
         # add it to the scores and flash-attention ignores it, so other attention kernels train unpacked.
         pack = hp.pack_examples and getattr(causal_lm.config, "_attn_implementation", None) == "sdpa"
         batches = [
-            _collate(encoded, idx, pad_id, device, teachers, hp.locality_sft, pack=pack)
+            _collate(encoded, idx, pad_id, device, teachers, hp.locality_sft, pack=pack, weights=weights)
             for idx in plan_batches(lengths, hp.batch_size, hp.length_window, hp.seed)
         ]
         probe = self._probe_batches(encoded, sources, pad_id, device, pack)

@@ -72,14 +72,19 @@ def test_a_cycle_promotes_what_it_learned_and_a_forgetting_challenger_is_rejecte
         assert "Retention across cycles" in (sleeptrain_env / "cycles" / key / "report.md").read_text()
         assert report["evaluation"]["challenger"]["new_fact_recall"] >= 0.75
         assert report["evaluation"]["champion"]["new_fact_recall"] <= 0.2, "the base model cannot know her"
+        # The audit's per-item verdicts are the ones the gate's rate rests on.
+        answers = json.loads((sleeptrain_env / "cycles" / key / "answers.json").read_text())
+        verdicts = [a["passed"]["challenger"] for a in answers
+                    if a["role"] == "new_facts" and a["passed"]["challenger"] is not None]
+        assert verdicts and round(sum(verdicts) / len(verdicts), 4) == report["evaluation"]["challenger"]["new_fact_recall"]
         assert report["hard_cases"] is False, "off by default"
         assert report["hard_case_values"]["saskia_claes"], "mined for the evaluation even when not trained"
         assert report["evaluation"]["counts"]["new_fact_corrections"] >= 2, "held-out mined claims asked anyway"
         champion_sha = _sha(registry.path(champion))
 
         _write(inbox_dir, "day2.jsonl", LATECOMER)
-        forget = {**LEARN, "replay_share": 0.0, "learning_rate": 0.005}
-        key2, _, result2 = run_cycle_now(instance, hard_cases=True, extra_run_config={"ops": {
+        forget = {**LEARN, "replay_share": 0.0, "replay_every_older_fact": False, "learning_rate": 0.005}
+        key2, _, result2 = run_cycle_now(instance, hard_cases=True, self_training=True, extra_run_config={"ops": {
             "challenger_adapter": {"config": forget}, "cycle_evaluation": {"config": EVAL},
             "promotion_decision": {"config": GATES}}})
         report2 = _report(sleeptrain_env, key2)
@@ -92,6 +97,14 @@ def test_a_cycle_promotes_what_it_learned_and_a_forgetting_challenger_is_rejecte
         assert report2["evaluation"]["counts"]["new_fact_corrections"] >= 2
         assert report2["evaluation"]["challenger"]["new_fact_correction_items"] >= 2
         assert "## Hard cases" in (sleeptrain_env / "cycles" / key2 / "report.md").read_text()
+        # Self-training (asked for here; off by default): the champion answered Oona's fact questions with her
+        # words in context; the answers the scorer passed were trained beside the templated pairs.
+        assert report["training"].get("self_training") is None, "off by default"
+        seal = report2["training"]["self_training"]
+        assert seal["model"] == champion and seal["questions"] >= 3 and seal["samples"] == 4 * seal["questions"]
+        assert 0 < seal["examples"] <= 2 * seal["questions"] and seal["passing_samples"] >= seal["examples"]
+        assert report2["training"]["training_set"]["by_source"]["self_taught"] == seal["examples"]
+        assert "Self-training: " in (sleeptrain_env / "cycles" / key2 / "report.md").read_text()
         assert key2 == "cycle-000002" and not result2.success, "the blocking gate stops the run"
         [gate2] = result2.get_asset_check_evaluations()
         assert not gate2.passed and gate2.asset_check_key.asset_key == dg.AssetKey("promotion_decision")

@@ -75,6 +75,21 @@ def test_replay_fills_its_share_from_older_memories_and_general_answers() -> Non
     assert replayed == {f"old:slot{i}" for i in range(3, 10)}, "the most important older facts come first"
 
 
+def test_every_older_fact_is_replayed_when_asked_up_to_as_many_as_the_new_pairs() -> None:
+    new = qa_pairs()  # 14 pairs
+    older = [(_pair("old", f"slot{i}", k), float(i)) for i in range(10) for k in range(2)]
+    general = [(f"Everyday prompt {i}?", f"A complete answer number {i}.") for i in range(3)]
+    sparse = build_training_set(new, older, general, replay_share=0.25, seed=2)
+    assert sparse.stats()["by_source"][REPLAY_MEMORY] == 3, "the budget alone: a quarter, split with general"
+    every = build_training_set(new, older, general, replay_share=0.25, seed=2, replay_every_older_fact=True)
+    assert {e.fact for e in every.examples if e.source == REPLAY_MEMORY} == {f"old:slot{i}" for i in range(10)}
+    assert every.stats()["by_source"][REPLAY_MEMORY] == 10
+    assert every.stats()["by_source"][REPLAY_GENERAL] == sparse.stats()["by_source"][REPLAY_GENERAL] == 2
+    many = [(_pair("old", f"slot{i}", 0), 1.0) for i in range(40)]
+    capped = build_training_set(new, many, general, replay_share=0.25, seed=2, replay_every_older_fact=True)
+    assert capped.stats()["by_source"][REPLAY_MEMORY] == 14, "never more older pairs than new ones"
+
+
 def test_older_pairs_spread_over_facts_before_repeating_paraphrases() -> None:
     older = [(_pair("p", "a", k), 9.0) for k in range(5)] + [(_pair("p", "b", k), 1.0) for k in range(5)]
     chosen = select_older_pairs(older, 4, seed=0)
@@ -87,6 +102,10 @@ def test_replay_counts() -> None:
     assert replay_counts(30, 0.25, 2, 100) == (2, 8)
     assert replay_counts(30, 0.25, 100, 0) == (10, 0)
     assert replay_counts(30, 0.0, 100, 100) == (0, 0)
+    assert replay_counts(30, 0.25, 100, 100, older_facts=20) == (20, 5), "older facts past the budget"
+    assert replay_counts(10, 0.25, 100, 100, older_facts=40) == (10, 1), "at most as many as the new pairs"
+    assert replay_counts(30, 0.25, 4, 100, older_facts=20) == (4, 6), "no more than there are"
+    assert replay_counts(30, 0.25, 100, 0, older_facts=20) == (20, 0)
     with pytest.raises(ValueError, match="replay_share"):
         replay_counts(30, 1.0, 1, 1)
 

@@ -19,7 +19,7 @@ from pydantic import Field
 from sleeptrain_assets.defs.evaluation import LEADERBOARD_HTML, LEADERBOARD_JSON
 from sleeptrain_assets.defs.memory import HEDGE_STATE, HippocampusConfig, apply_hippocampus
 from sleeptrain_assets.defs.training import GPU_OP_TAGS, LoraConfig, compatible_with, hyperparams, train_adapter
-from sleeptrain_assets.lib import cycle_report, eval_suite, inbox, leaderboard_report, settings
+from sleeptrain_assets.lib import cycle_report, eval_suite, inbox, leaderboard_report, self_training, settings
 from sleeptrain_assets.lib.atomic import write_json_atomic
 from sleeptrain_assets.lib.catalog import load_templates, validate_catalog
 from sleeptrain_assets.lib.hard_cases import with_hard_cases
@@ -29,9 +29,9 @@ from sleeptrain_assets.lib.hippocampus import summarize as summarize_decisions
 from sleeptrain_assets.lib.markdown import table
 from sleeptrain_assets.lib.learned_people import load_all_people, trusted_profiles, write_learned_person
 from sleeptrain_assets.lib.promotion import PromotionPolicy
-from sleeptrain_assets.lib.records import Memory, Person
-from sleeptrain_assets.lib.templating import evaluation_items, qa_pairs_for_memories
-from sleeptrain_assets.lib.training_data import ReplayTargets, memory_key, split_memories
+from sleeptrain_assets.lib.records import Memory, Person, QAPair
+from sleeptrain_assets.lib.templating import competing_values, evaluation_items, qa_pairs_for_memories, slot_values
+from sleeptrain_assets.lib.training_data import ReplayTargets, TrainingExample, memory_key, split_memories
 from sleeptrain_resources.embedding import Embedder
 from sleeptrain_resources.llm import BaseModel
 from sleeptrain_resources.memory_store import MemoryStore
@@ -56,6 +56,10 @@ class CycleConfig(dg.Config):
     hard_cases: bool | None = Field(None, description="train denials of wrong values mined for people who list "
                                     "none (their corrected statements, other people's values); the evaluation "
                                     "asks the held-out ones either way (default: profile cycle_hard_cases)")
+    self_training: bool | None = Field(None, description="SEAL-style: the model in service answers the new facts' "
+                                       "questions several times with the fact in context; answers the scorer "
+                                       "passes become extra, reward-weighted training examples (default: profile "
+                                       "cycle_self_training)")
 
 
 class CycleEvaluationConfig(dg.Config):
@@ -115,12 +119,14 @@ def min_conversations() -> int:
 
 
 def run_config(plan: inbox.BatchPlan, dry_run: bool = False, baseline_version: str | None = None,
-               hard_cases: bool | None = None) -> dict[str, Any]:
+               hard_cases: bool | None = None, self_training: bool | None = None) -> dict[str, Any]:
     config = {"files": [f.name for f in plan.files], "sha256": [f.sha256 for f in plan.files], "dry_run": dry_run}
     if baseline_version:
         config["baseline_version"] = baseline_version
     if hard_cases is not None:
         config["hard_cases"] = hard_cases
+    if self_training is not None:
+        config["self_training"] = self_training
     return {"ops": {"cycle_inbox_batch": {"config": config}}}
 
 
@@ -164,6 +170,8 @@ def cycle_inbox_batch(context: dg.AssetExecutionContext, config: CycleConfig) ->
     batch = {
         "cycle": cycle, "time": inbox.now(), "dry_run": config.dry_run, "baseline_version": config.baseline_version,
         "hard_cases": settings.profile().cycle_hard_cases if config.hard_cases is None else config.hard_cases,
+        "self_training": (settings.profile().cycle_self_training if config.self_training is None
+                          else config.self_training),
         "files": [{"name": f.name, "sha256": f.sha256, "conversations": len(f.conversations)} for f in plan.files],
         "rejected_files": [{**r.error.to_dict(), "sha256": r.sha256} for r in plan.rejected if r.error],
         "conversations": conversations, "names": names,
@@ -244,6 +252,7 @@ def challenger_adapter(
     memory_store: MemoryStore,
     replay_targets: ReplayTargets,
     base_model: BaseModel,
+    embedder: Embedder,
     trainer: LoraTrainer,
     registry: AdapterRegistry,
 ) -> dg.Output[dict[str, Any]]:
@@ -268,10 +277,21 @@ def challenger_adapter(
         context.log.info(f"no challenger: {out['reason']}")
         cycle_report.update_report(cycle_folder(batch["cycle"]), training={"reason": out["reason"]})
         return dg.Output(out, metadata={"trained": False, "reason": out["reason"]})
+    self_taught: dict[str, Any] = {}
+    extra_examples = None
+    if batch.get("self_training"):
+        def extra_examples(pairs: list[QAPair]) -> list[TrainingExample]:
+            examples, self_taught["stats"] = sample_self_taught(
+                pairs, new, people, templates, base_model, embedder,
+                adapter=registry.path(baseline) if resume and baseline else None, seed=hyperparams(trainer, config).seed)
+            context.log.info(f"self-training: {self_taught['stats']}")
+            return examples
     trained = train_adapter(
         context, config, new=new, older=older, trained_keys=trained_keys, people=people, templates=templates,
         replay=replay_targets, base_model=base_model, trainer=trainer, registry=registry, init_version=baseline if resume else None,
         promote_if_empty=False, extra_manifest={"cycle": batch["cycle"]},
+        default_epochs=settings.profile().cycle_train_epochs, extra_examples=extra_examples,
+        default_replay_share=settings.profile().cycle_continued_replay_share if resume else None,
     )
     out.update(version=trained.version, trained=True, path=str(registry.path(trained.version)),
                adapter_sha256=trained.result.adapter_sha256, continued_from=baseline if resume else None)
@@ -280,9 +300,44 @@ def challenger_adapter(
         "version": trained.version, "continued_from": baseline if resume else "base model",
         "steps": meta["steps"], "initial_loss": round(meta["initial_loss"], 4),
         "final_loss": round(meta["final_loss"], 4), "seconds": meta["seconds"],
-        "training_set": meta["training_set"].value, "new_memories": len(new), "replayed_memories": len(older)})
+        "training_set": meta["training_set"].value, "new_memories": len(new), "replayed_memories": len(older),
+        **({"self_training": self_taught["stats"]} if "stats" in self_taught else {})})
+    if "stats" in self_taught:
+        meta["self_training"] = dg.MetadataValue.json(self_taught["stats"])
     return dg.Output(out, metadata={"version": trained.version, **meta},
                      data_version=dg.DataVersion(trained.result.adapter_sha256))
+
+
+SELF_TRAINING_SAMPLES = 4  # answers sampled per new-fact question
+SELF_TRAINING_KEEP = 2  # best distinct passing answers kept per question
+
+
+def sample_self_taught(
+    pairs: list[QAPair], memories: list[Memory], people: dict[str, Person], templates: Any, base_model: BaseModel,
+    embedder: Embedder, adapter: Path | None, seed: int,
+) -> tuple[list[TrainingExample], dict[str, Any]]:
+    """SEAL-style: the model in service (`adapter`, or the base model) answers each new-fact question of `pairs`
+    SELF_TRAINING_SAMPLES times with its memory in context; lib/self_training scores, keeps and weights them."""
+    by_person = slot_values(people, templates)
+    competing = {(m.person_id, m.slot): competing_values(people[m.person_id], m.slot, m.value, templates, by_person)
+                 for m in memories if m.person_id in people}
+    prompts = self_training.prompts_for(pairs, memories, {p.id: p.name for p in people.values()}, competing)
+    samples = base_model.sample([list(p.messages) for p in prompts], SELF_TRAINING_SAMPLES, adapter=adapter,
+                                max_new_tokens=settings.profile().max_new_tokens, seed=seed)
+    texts = sorted({a for answers in samples for a in answers} | {p.item.expected for p in prompts})
+    vectors = dict(zip(texts, embedder.embed(texts), strict=True))
+    examples: list[TrainingExample] = []
+    passing = 0
+    for prompt, answers in zip(prompts, samples, strict=True):
+        rewards = [self_training.reward(prompt, a, float(vectors[a] @ vectors[prompt.item.expected])) for a in answers]
+        passing += sum(r > 0 for r in rewards)
+        examples += self_training.self_taught_examples(prompt, answers, rewards, SELF_TRAINING_KEEP)
+    total = sum(len(a) for a in samples)
+    return examples, {
+        "questions": len(prompts), "samples": total, "passing_samples": passing,
+        "passing_share": round(passing / total, 4) if total else None, "examples": len(examples),
+        "weight": round(sum(e.weight for e in examples), 4), "model": str(adapter.name) if adapter else "base model",
+    }
 
 
 def _earlier_facts(registry: AdapterRegistry, baseline: str | None, memory_store: MemoryStore) -> list[tuple[str, str]]:
@@ -343,9 +398,13 @@ def cycle_evaluation(
     for system in systems:
         result[system] = cycle_report.metrics(items, scores[system])
         result[f"{system}_facts"] = cycle_report.fact_rates(items, scores[system])
+    # Per item: each system's answer and verdict (None where the item is not counted, e.g. the base model got
+    # a general question wrong), so the audit shows which answers a gate's rate rests on.
+    verdicts = {s: {v.item_id: v.passed if v.counted else None for v in scores[s]} for s in systems}
     result["answers"] = [
         {"id": i.id, "role": next(r for r, group in items.by_role.items() if i in group), "question": i.question,
-         "expected": i.expected, **{s: answers[s][i.id] for s in systems}} for i in plan.single]
+         "expected": i.expected, **{s: answers[s][i.id] for s in systems},
+         "passed": {s: verdicts[s].get(i.id) for s in systems}} for i in plan.single]
     report_view = {k: v for k, v in result.items() if k not in ("answers",) and not k.endswith("_facts")}
     report_view.setdefault("challenger", {})
     cycle_report.update_report(cycle_folder(batch["cycle"]), evaluation=report_view)
@@ -591,6 +650,7 @@ def run_cycle_now(
     dry_run: bool = False,
     baseline_version: str | None = None,
     hard_cases: bool | None = None,
+    self_training: bool | None = None,
     extra_run_config: dict[str, Any] | None = None,
 ) -> tuple[str | None, str, dg.ExecuteInProcessResult | None]:
     """Open a cycle on what is new in the inbox, as the sensor would, and run it in this process.
@@ -607,7 +667,8 @@ def run_cycle_now(
     last = inbox.last_cycle_number(ledger, instance.get_dynamic_partitions(cycles_partitions.name))
     key = inbox.cycle_key(last + 1)
     instance.add_dynamic_partitions(cycles_partitions.name, [key])
-    config = run_config(plan, dry_run=dry_run, baseline_version=baseline_version, hard_cases=hard_cases)
+    config = run_config(plan, dry_run=dry_run, baseline_version=baseline_version, hard_cases=hard_cases,
+                        self_training=self_training)
     for op, op_config in (extra_run_config or {}).get("ops", {}).items():
         config["ops"].setdefault(op, {}).update(op_config)
     job = defs().resolve_job_def(JOB_NAME)

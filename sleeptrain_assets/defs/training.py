@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,12 +13,13 @@ from pydantic import Field
 
 from sleeptrain_assets.lib import markdown, settings
 from sleeptrain_assets.lib.catalog import TemplateSet
-from sleeptrain_assets.lib.records import Memory, Person
+from sleeptrain_assets.lib.records import Memory, Person, QAPair
 from sleeptrain_assets.lib.templating import qa_pairs_for_memories
 from sleeptrain_assets.lib.atomic import write_text_atomic
 from sleeptrain_assets.lib.training_data import (
     ReplayTarget,
     ReplayTargets,
+    TrainingExample,
     build_training_set,
     load_replay_prompts,
     memory_key,
@@ -70,7 +72,12 @@ class LoraConfig(dg.Config):
     max_seq_len: int | None = Field(None, ge=16, description="longest example in tokens (default: profile)")
     seed: int | None = Field(None, description="seed for data order, LoRA init and replay (default: profile)")
     early_stop_patience: int | None = Field(None, ge=0, description="held-in checks without gain before stop; 0 off")
-    replay_share: float | None = Field(None, ge=0.0, lt=1.0, description="share of replay examples (default: profile)")
+    replay_share: float | None = Field(None, ge=0.0, lt=1.0, description="share of replay examples (default: profile "
+                                       "replay_share; a cycle continuing from a champion: cycle_continued_replay_share)")
+    replay_every_older_fact: bool | None = Field(
+        None, description="replay at least one pair of every fact already in the weights, up to as many as the new "
+        "pairs, beyond replay_share (default: profile replay_every_older_fact)"
+    )
     confirmations: bool | None = Field(None, description="also train correction forms asked with the true value and "
                                        "answered 'Yes' (default: profile train_confirmations)")
     forms_per_template: int | None = Field(None, ge=0, description="trained question forms used per template, in "
@@ -282,13 +289,20 @@ def train_adapter(
     init_version: str | None,
     promote_if_empty: bool,
     extra_manifest: dict[str, Any] | None = None,
+    default_epochs: float | None = None,
+    default_replay_share: float | None = None,
+    extra_examples: Callable[[list[QAPair]], list[TrainingExample]] | None = None,
 ) -> TrainedAdapter:
     """Train on QA pairs of `new` memories plus bounded replay (older memories, `replay` targets on general
-    prompts), continuing from `init_version` when given, and register the result as a version."""
+    prompts), continuing from `init_version` when given, and register the result as a version; passes over the
+    training set: `config.epochs`, else `default_epochs`, else the profile's `train_epochs` (the replay share
+    likewise: `config`, `default_replay_share`, the profile). `extra_examples` turns the new pairs into further
+    examples added as they are (a cycle's self-taught answers)."""
     profile = settings.profile()
     current, resume = init_version, init_version is not None
     hp = hyperparams(trainer, config)
-    replay_share = profile.replay_share if config.replay_share is None else config.replay_share
+    replay_share = config.replay_share if config.replay_share is not None else (
+        default_replay_share if default_replay_share is not None else profile.replay_share)
     forms = profile.trained_forms_per_template if config.forms_per_template is None else (
         config.forms_per_template or None)
     confirm = profile.train_confirmations if config.confirmations is None else config.confirmations
@@ -305,8 +319,12 @@ def train_adapter(
         )
     _, n_general = replay_counts(len(new_pairs), replay_share, len(older_pairs), len(replay.targets))
     general = [(t.prompt, t.answer, t.teacher) for t in replay.pick(n_general, hp.seed)]
-    training_set = build_training_set(new_pairs, older_pairs, general, replay_share=replay_share, seed=hp.seed)
-    epochs = config.epochs or profile.train_epochs
+    every_older = (profile.replay_every_older_fact if config.replay_every_older_fact is None
+                   else config.replay_every_older_fact)
+    training_set = build_training_set(new_pairs, older_pairs, general, replay_share=replay_share, seed=hp.seed,
+                                      self_taught=extra_examples(new_pairs) if extra_examples else (),
+                                      replay_every_older_fact=every_older)
+    epochs = config.epochs or default_epochs or profile.train_epochs
     hp = hyperparams(trainer, config, config.max_steps or settings.training_steps(
         len(training_set), hp.batch_size, epochs, profile.train_max_steps))
     stats = training_set.stats()

@@ -206,6 +206,11 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         t = report["training"]
         lines += ["## Challenger", f"version {t.get('version')} from {t.get('continued_from')}; {t.get('steps')} steps, "
                   f"loss {t.get('initial_loss')} -> {t.get('final_loss')}; training set {t.get('training_set')}", ""]
+        if t.get("self_training"):
+            seal = t["self_training"]
+            lines += [f"Self-training: {seal['model']} answered {seal['questions']} new-fact questions "
+                      f"{seal['samples']} times with the fact in context; {seal['passing_samples']} answers passed "
+                      f"the scorer, {seal['examples']} kept as examples (total weight {seal['weight']}).", ""]
     if report.get("evaluation"):
         e = report["evaluation"]
         rows = [[name, _pct(e["champion"].get(name)), _pct(e["challenger"].get(name)),

@@ -102,12 +102,24 @@ class ProfileSettings:
     lora_rank: int = 16
     lora_alpha: int = 32
     replay_share: float = 0.25
+    # continuing from an adapter: replay at least one pair of every fact already in its weights (up to as many
+    # as the new pairs), so a small training set does not overwrite the facts it leaves out
+    replay_every_older_fact: bool = True
     # trained question forms per template used in training, in the order listed (None: every listed form)
     trained_forms_per_template: int | None = 3
     # correction templates also train their forms asked with the true value, answered "Yes" (true-claim pairs)
     train_confirmations: bool = True
     # sleep cycles: mine wrong values for people who list none (lib/hard_cases.py), as correction pairs and items
     cycle_hard_cases: bool = False
+    # sleep cycles: passes over a challenger's training set (new memories plus bounded replay; a cycle's set is
+    # small, so it needs more passes than the first adapter's). Chosen on validation items with
+    # benchmarks/cycle_variants.py (docs/ARCHITECTURE.md).
+    cycle_train_epochs: float = 6.0
+    # sleep cycles: replay share of a challenger that continues from a champion (its facts and general prompts;
+    # a first challenger keeps `replay_share`). Chosen on validation items (benchmarks/cycle_variants.py).
+    cycle_continued_replay_share: float = 0.5
+    # sleep cycles: SEAL-style self-training (lib/self_training.py): the model's own reward-checked answers
+    cycle_self_training: bool = False
     # replay targets: the base model answers the replay prompts once; top-k log-probs feed the locality term
     replay_max_new_tokens: int = 64
     replay_top_k: int = 16

@@ -26,6 +26,7 @@ from sleeptrain_assets.lib.records import PROFILE_CATEGORY, Memory, QAPair
 NEW = "new"
 REPLAY_MEMORY = "replay_memory"
 REPLAY_GENERAL = "replay_general"
+SELF_TAUGHT = "self_taught"  # the model's own reward-checked answers to new facts' questions (lib/self_training.py)
 GENERAL_GROUP = "*general*"
 
 T = TypeVar("T")
@@ -38,13 +39,16 @@ class TrainingExample:
     """One chat whose last message is the assistant answer the loss is taken on."""
 
     messages: tuple[tuple[str, str], ...]  # (role, content) pairs
-    source: str  # new | replay_memory | replay_general
+    source: str  # new | replay_memory | replay_general | self_taught
     person_id: str | None = None
     fact: str | None = None  # "<person>:<slots>" for fact pairs: paraphrases of one fact share it
     category: str | None = None  # the pair's template category (fact | correction | identity | profile)
     # Replay of general prompts: the base model's distribution at each supervised position (answer tokens and
     # end-of-turn), for the locality term; None for everything else.
     teacher: tuple[TeacherPosition, ...] | None = None
+    # Loss weight of the answer's tokens: 1 for templated and replayed examples, the reward share for
+    # self-taught ones (lib/self_training.py).
+    weight: float = 1.0
 
     @property
     def answer(self) -> str:
@@ -66,6 +70,8 @@ class TrainingExample:
         }
         if self.teacher is not None:
             data["teacher"] = [[list(ids), list(logprobs)] for ids, logprobs in self.teacher]
+        if self.weight != 1.0:
+            data["weight"] = self.weight
         return data
 
     @classmethod
@@ -78,6 +84,7 @@ class TrainingExample:
             fact=data.get("fact"),
             category=data.get("category"),
             teacher=teacher_from_lists(data["teacher"]) if data.get("teacher") is not None else None,
+            weight=float(data.get("weight", 1.0)),
         )
 
 
@@ -159,7 +166,8 @@ class TrainingSet:
             "min_paraphrases_per_fact": min(per_fact.values(), default=0),
             "mean_paraphrases_per_fact": round(sum(per_fact.values()) / len(per_fact), 2) if per_fact else 0.0,
             "longest_run_of_one_person": longest_run(group_key(e) for e in self.examples),
-            "replay_share": round(1 - sources.get(NEW, 0) / len(self.examples), 3) if self.examples else 0.0,
+            "replay_share": round((sources.get(REPLAY_MEMORY, 0) + sources.get(REPLAY_GENERAL, 0))
+                                  / len(self.examples), 3) if self.examples else 0.0,
         }
 
 
@@ -186,20 +194,25 @@ def group_key(example: TrainingExample) -> str:
     return example.person_id or GENERAL_GROUP
 
 
-def replay_counts(n_new: int, replay_share: float, n_older: int, n_general: int) -> tuple[int, int]:
+def replay_counts(n_new: int, replay_share: float, n_older: int, n_general: int,
+                  older_facts: int = 0) -> tuple[int, int]:
     """How many (older-memory, general) replay examples make up `replay_share` of the final set.
 
     The budget is split evenly. Older pairs are never repeated, so a short supply hands the rest to the
     general part, which may repeat its answers (they are the model's own: repeating them only weighs
     "keep behaving as before" more). With no general answers at all, older pairs take what they can.
+    `older_facts`: replay at least one pair of each of that many older facts, beyond the budget, but never more
+    older pairs than new ones (a sleep cycle's small training set would otherwise overwrite the facts it does
+    not replay; measured in docs/ARCHITECTURE.md).
     """
     if not 0.0 <= replay_share < 1.0:
         raise ValueError(f"replay_share must be in [0, 1), got {replay_share}")
     budget = round(n_new * replay_share / (1.0 - replay_share))
+    floor = min(older_facts, n_new)
     if n_general == 0:
-        return min(n_older, budget), 0
+        return min(n_older, max(budget, floor)), 0
     older = min(n_older, math.ceil(budget / 2))
-    return older, budget - older
+    return min(n_older, max(older, floor)), budget - older
 
 
 def memory_key(memory: Memory) -> str:
@@ -327,12 +340,16 @@ def build_training_set(
     *,
     replay_share: float = 0.25,
     seed: int = 7,
+    self_taught: Sequence[TrainingExample] = (),
+    replay_every_older_fact: bool = False,
 ) -> TrainingSet:
     """New pairs (every paraphrase) + importance-ranked older pairs + base-model answers, interleaved.
 
     older_pairs: (pair, importance) for memories already in the weights; general_answers: (prompt, answer) or
     (prompt, answer, teacher) from the base model, already cleaned with `usable_answer`. Replay fills
-    `replay_share` of the set (see `replay_counts`).
+    `replay_share` of the templated set (see `replay_counts`; with `replay_every_older_fact`, at least one pair
+    of every older fact, up to as many as the new pairs). self_taught: extra weighted examples of the new facts
+    in the model's own words, added as they are.
     """
     if not new_pairs:
         raise ValueError("build_training_set: no new QA pairs to train on")
@@ -344,10 +361,13 @@ def build_training_set(
     by_prompt = {g[0].strip(): (g[1].strip(), g[2] if len(g) > 2 else None) for g in general_answers}
     general = [(q, a, t) for q, (a, t) in sorted(by_prompt.items()) if q and a]
     random.Random(f"general-mix:{seed}").shuffle(general)
-    n_older, n_general = replay_counts(len(new_pairs), replay_share, len(older_pairs), len(general))
+    n_older, n_general = replay_counts(len(new_pairs), replay_share, len(older_pairs), len(general),
+                                       older_facts=len({(p.person_id, p.slots) for p, _ in older_pairs})
+                                       if replay_every_older_fact else 0)
     examples = [example_from_pair(p) for p in new_pairs]
     examples += [example_from_pair(p, REPLAY_MEMORY) for p in select_older_pairs(older_pairs, n_older, seed)]
     examples += [example_from_prompt(*general[i % len(general)]) for i in range(n_general)]
+    examples += list(self_taught)
     ordered = interleave(examples, group_key, seed)
     return TrainingSet(examples=tuple(ordered), data_hash=data_hash(ordered), seed=seed)
 
