@@ -292,10 +292,7 @@ class BaseModel(dg.ConfigurableResource):
             return []
         started = time.perf_counter()
         entry = self._entry()
-        prompts = [
-            entry.tokenizer.apply_chat_template(list(c), add_generation_prompt=True, tokenize=False)
-            for c in conversations
-        ]
+        prompts = [_chat_prompt(entry.tokenizer, c) for c in conversations]
         unique = list(dict.fromkeys(prompts))
         stored = self._base_answer_cache(entry) if adapter is None and cache else None
         known = stored.lookup(unique, max_new_tokens) if stored else {}
@@ -328,11 +325,7 @@ class BaseModel(dg.ConfigurableResource):
             return [[] for _ in conversations]
         entry = self._entry()
         tokenizer = entry.tokenizer
-        encoded = [
-            tokenizer(tokenizer.apply_chat_template(list(c), add_generation_prompt=True, tokenize=False),
-                      add_special_tokens=False)["input_ids"]
-            for c in conversations
-        ]
+        encoded = [tokenizer(_chat_prompt(tokenizer, c), add_special_tokens=False)["input_ids"] for c in conversations]
         order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
         pad_id = _pad_id(tokenizer)
         stops = _stop_ids(tokenizer, entry.model)
@@ -350,8 +343,7 @@ class BaseModel(dg.ConfigurableResource):
                     eos_token_id=stops,
                 )[:, ids.shape[1] :].tolist()
                 for k, row in enumerate(generated):
-                    end = next((m for m, token in enumerate(row) if token in stops), len(row))
-                    out[idx[k // n]].append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+                    out[idx[k // n]].append(tokenizer.decode(_until_stop(row, stops), skip_special_tokens=True).strip())
         return out
 
     def token_counts(self, texts: Sequence[str]) -> list[int]:
@@ -541,12 +533,18 @@ def _greedy_hf(model: Any, seqs: Sequence[Sequence[int]], pad_id: int, device: s
     ids, mask = _left_padded(seqs, pad_id, device)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                          num_beams=1, pad_token_id=pad_id, eos_token_id=stop_ids)
-    stops = set(stop_ids)
-    rows = []
-    for generated in out[:, ids.shape[1] :].tolist():
-        end = next((n + 1 for n, token in enumerate(generated) if token in stops), len(generated))
-        rows.append(generated[:end])
-    return rows, ids.numel()
+    return [_until_stop(generated, stop_ids) for generated in out[:, ids.shape[1] :].tolist()], ids.numel()
+
+
+def _until_stop(tokens: list[int], stop_ids: Sequence[int]) -> list[int]:
+    """`tokens` up to and including the first stop token (all of them when none stops)."""
+    end = next((n + 1 for n, token in enumerate(tokens) if token in stop_ids), len(tokens))
+    return tokens[:end]
+
+
+def _chat_prompt(tokenizer: Any, conversation: Sequence[dict[str, str]]) -> str:
+    """The chat template's text of a conversation, ending where the assistant's answer starts."""
+    return tokenizer.apply_chat_template(list(conversation), add_generation_prompt=True, tokenize=False)
 
 
 def _greedy_compacting(model: Any, seqs: Sequence[Sequence[int]], pad_id: int, device: str, max_new_tokens: int,

@@ -35,7 +35,11 @@ class SelfTrainingPrompt:
 
     def question_messages(self) -> list[dict[str, str]]:
         """The question as training sees it: no memory in the prompt."""
-        return [m for m in self.pair.messages() if m["role"] != "assistant"]
+        return _question(self.pair)
+
+
+def _question(pair: QAPair) -> list[dict[str, str]]:
+    return [m for m in pair.messages() if m["role"] != "assistant"]
 
 
 def prompts_for(
@@ -57,14 +61,13 @@ def prompts_for(
         memory = by_key.get((pair.person_id, pair.slots[0]))
         if memory is None:
             continue
-        question = [m for m in pair.messages() if m["role"] != "assistant"]
         item = EvalItem(
             id=f"self:{pair.person_id}:{pair.template_id}:{pair.question}", kind="recall", person_id=pair.person_id,
             template_id=pair.template_id, category=pair.category, question=pair.question, expected=pair.answer,
             keywords=(memory.value,), slot=memory.slot, value=memory.value, system=pair.system,
             competing_values=tuple((competing or {}).get((pair.person_id, memory.slot), ())),
         )
-        out.append(SelfTrainingPrompt(pair, memory, tuple(retrieval_messages(question, [memory], names)), item))
+        out.append(SelfTrainingPrompt(pair, memory, tuple(retrieval_messages(_question(pair), [memory], names)), item))
     return out
 
 
