@@ -241,6 +241,20 @@ def test_a_count_is_the_same_value_in_digits_or_words(minilm):
     assert scoring.stated_competitors(item(keywords=("three",), competing_values=("4",)), "It has four.") == ["4"]
 
 
+def test_a_decimal_is_one_number_and_never_its_digits():
+    """ "-18.0" is not a 0 and "2.5" not a 5: the digits after a decimal point are part of one number."""
+    freezes = item(kind="locality", person_id=None, question="At what temperature in Celsius does water freeze?",
+                   expected="Water freezes at 0 degrees Celsius.", keywords=("0",), category="general")
+    wrong = "The freezing point of water is -18.0°C."
+    assert not scoring.score_locality(freezes, wrong, freezes.expected, 0.8, 0.99, 0.8).passed
+    assert scoring.score_locality(freezes, "Water freezes at 0 °C.", freezes.expected, 0.8, 0.99, 0.8).passed
+    assert not scoring.mentions("It costs 2.5 dollars.", "5") and not scoring.mentions("Pi is 3.14.", "14")
+    assert scoring.mentions("It costs 2.5 dollars.", "2.5") and scoring.mentions("born in 1979.", "1979")
+    # A dotted date is still read as its parts, and thousands stay grouped.
+    assert scoring.mentions("Born on 15.01.1929 in Atlanta.", "1929")
+    assert scoring.mentions("It weighs 1,000 grams.", "1000")
+
+
 def test_every_shipped_expected_answer_passes_its_own_item(minilm):
     """A keyword the item's own expected answer fails (e.g. "light" in "sunlight") would fail right answers."""
     items = eval_suite.load_locality_items(DATA / "benchmarks" / eval_suite.GENERAL_KNOWLEDGE_FILE)

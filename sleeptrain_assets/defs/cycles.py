@@ -65,7 +65,8 @@ class CycleConfig(dg.Config):
 class CycleEvaluationConfig(dg.Config):
     max_earlier_items: int | None = Field(None, ge=0, description="items re-asking earlier facts (default: 4 x the "
                                           "profile's per-kind cap, 48 without a cap)")
-    max_locality_items: int | None = Field(None, ge=0, description="general-knowledge items (default: profile cap)")
+    max_locality_items: int | None = Field(None, ge=0, description="general-knowledge items of the validation split "
+                                          "(default: the profile's per-kind cap, 96 without a cap)")
     batch_size: int = Field(32, ge=1, le=512, description="prompts per generation batch")
 
 
@@ -384,7 +385,7 @@ def cycle_evaluation(
         {(m.person_id, m.slot) for m in cycle_memories["new_memories"]},
         _earlier_facts(registry, baseline, memory_store),
         max_earlier=config.max_earlier_items if config.max_earlier_items is not None else 4 * (cap or 12),
-        max_locality=config.max_locality_items if config.max_locality_items is not None else (cap or 48),
+        max_locality=config.max_locality_items if config.max_locality_items is not None else (cap or 96),
         seed=batch["cycle"],
     )
     context.log.info(f"items {items.counts()} ({items.note})")

@@ -125,7 +125,8 @@ _COMMON_CAPITALISED = {
 }
 
 # Mention analysis: tokens mirror `normalise` ("1,984" is one token), the gaps between them keep punctuation.
-_TOKEN = re.compile(r"\d{1,3}(?:[,_]\d{3})+(?!\d)|\w+")
+_DECIMAL = r"(?<!\d)(?<!\d\.)\d+\.\d+(?!\.?\d)"  # "18.0", not a dotted date "15.01.1929"
+_TOKEN = re.compile(rf"{_DECIMAL}|\d{{1,3}}(?:[,_]\d{{3}})+(?!\d)|\w+")
 _CLAUSE_BREAK = frozenset(",;.!?:()[]{}\"“”—–\n")
 _SENTENCE_BREAK = frozenset(".!?:;\n")
 _NEGATORS = frozenset({"not", "never", "nor", "neither"})
@@ -147,11 +148,13 @@ _NUMBER_SPELLINGS = {**{str(n): w for n, w in _NUMBER_WORDS.items()}, **{w: str(
 
 
 def normalise(text: str) -> str:
-    """Casefolded, accents stripped, punctuation to spaces, digits grouped ("1,984" -> "1984")."""
+    """Casefolded, accents stripped, punctuation to spaces, digits grouped ("1,984" -> "1984"), a decimal one word
+    ("18.0" -> "18point0", so its digits are never a number of their own)."""
     text = unicodedata.normalize("NFKD", text)
     text = "".join(c for c in text if not unicodedata.combining(c)).casefold()
     text = text.replace("’", "'")
     text = re.sub(r"(?<=\d)[,_](?=\d{3}\b)", "", text)
+    text = re.sub(_DECIMAL, lambda m: m.group(0).replace(".", "point"), text)
     text = re.sub(r"[^\w']+", " ", text).replace("'", " ")
     return " ".join(text.split())
 
