@@ -12,6 +12,8 @@ Rules (every threshold was measured with all-MiniLM-L6-v2 on SleepTrain-style an
 - **Counts.** A count from zero to twenty, or a ten up to ninety, is one value in digits or in words: "3"
   states "three", and a competing "4" is stated by "four". Why: a sleep-cycle challenger's right "The answer to
   this classic problem is 3." failed "How many sides does a triangle have?" (keyword "three") and cost a gate.
+  A decimal is one number ("18.0" never states 0 and "2.5" never 5): "The freezing point of water is -18.0°C."
+  passed the freezing-point question. A dotted date ("15.01.1929") is still read as its parts.
 - **Asserted, not negated.** A mention counts as stated only when it is not negated ("not 1988", "never won
   the X", "rather than X", "instead of X", "X is wrong/incorrect", "X isn't right", "it is not true that ... X")
   and not inside a question ("Was she born in 1988? No."). A right value that is only negated is not given.
