@@ -45,8 +45,6 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "sparse_replay": ({}, {"replay_every_older_fact": False}),
     "lr5e-4": ({}, {"learning_rate": 5e-4}),
     "kl2": ({}, {"locality_kl_weight": 2.0}),
-    "kl4": ({}, {"locality_kl_weight": 4.0}),
-    "epochs4": ({}, {"epochs": 4.0}),
     "attention_only": ({}, {"target_modules": "q_proj,k_proj,v_proj,o_proj"}),
     "mlp_only": ({}, {"target_modules": "gate_proj,up_proj,down_proj"}),
     "rank4": ({}, {"rank": 4, "alpha": 8}),
